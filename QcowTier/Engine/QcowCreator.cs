@@ -1,0 +1,88 @@
+using System.Buffers.Binary;
+using System.Numerics;
+using QcowTier.Format;
+using QcowTier.Storage;
+
+namespace QcowTier.Engine;
+
+/// <summary>
+/// Creates an image the way QEMU's qcow2_co_create does: a minimal three-cluster image
+/// (header, refcount table, one refcount block) of size zero, then a resize to the wanted size,
+/// so creation and growth share one code path.
+/// </summary>
+internal static class QcowCreator
+{
+    public static void Validate(long size, QcowCreateOptions o)
+    {
+        if (o.ClusterSize < 512 || o.ClusterSize > 2 * 1024 * 1024 || !BitOperations.IsPow2(o.ClusterSize))
+        {
+            throw new ArgumentException($"Cluster size must be a power of two between 512 and 2048k (got {o.ClusterSize})", nameof(o));
+        }
+        if (o.RefcountBits is < 1 or > 64 || !BitOperations.IsPow2(o.RefcountBits))
+        {
+            throw new ArgumentException($"Refcount width must be a power of two and may not exceed 64 bits (got {o.RefcountBits})", nameof(o));
+        }
+        if (o.Compat == QcowCompat.V2 && o.RefcountBits != 16)
+        {
+            throw new ArgumentException("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)", nameof(o));
+        }
+        if (o.Compat == QcowCompat.V2 && o.LazyRefcounts)
+        {
+            throw new ArgumentException("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)", nameof(o));
+        }
+        if (size < 0 || size > QcowHeader.MaxVirtualSize)
+        {
+            throw new ArgumentOutOfRangeException(nameof(size), $"image size {size} is out of range");
+        }
+    }
+
+    public static QcowCore Create(ImageStorage file, long size, QcowCreateOptions o)
+    {
+        Validate(size, o);
+        var cs = o.ClusterSize;
+        var header = new QcowHeader
+        {
+            Version = (uint)o.Compat,
+            ClusterBits = BitOperations.Log2((uint)cs),
+            Size = 0,
+            L1Size = 0,
+            L1TableOffset = 0,
+            RefcountTableOffset = cs,
+            RefcountTableClusters = 1,
+            RefcountOrder = BitOperations.Log2((uint)o.RefcountBits),
+            CompatibleFeatures = o.LazyRefcounts ? QcowHeader.CompatLazyRefcounts : 0,
+        };
+        if (o.Compat == QcowCompat.V3)
+        {
+            header.Extensions.Add(new HeaderExtension(HeaderExtension.FeatureNameTable, HeaderExtension.QemuFeatureNameTable(), 0));
+        }
+        var image = new byte[3 * cs];
+        header.WriteNew(image.AsSpan(0, cs));
+        BinaryPrimitives.WriteUInt64BigEndian(image.AsSpan(cs), (ulong)(2 * cs));
+        for (var i = 0; i < 3; i++)
+        {
+            RefcountBlock.Set(image.AsSpan(2 * cs, cs), i, header.RefcountOrder, 1);
+        }
+        file.SetLength(0);
+        file.Write(0, image);
+        file.Flush();
+        var core = QcowCore.Open(file, readOnly: false);
+        try
+        {
+            if (size > 0)
+            {
+                core.Resize(size);
+            }
+            if (o.Preallocation == QcowPreallocation.Metadata)
+            {
+                core.PreallocateMetadata();
+            }
+            return core;
+        }
+        catch
+        {
+            core.Dispose();
+            throw;
+        }
+    }
+}

@@ -1,0 +1,305 @@
+using System.Buffers.Binary;
+using Microsoft.Win32.SafeHandles;
+using QcowTier.Engine;
+using QcowTier.Format;
+using QcowTier.Storage;
+
+namespace QcowTier;
+
+/// <summary>
+/// A qcow2 image, read and written exactly as QEMU does.
+/// </summary>
+/// <remarks>
+/// Thread safety: every member may be called from many threads at once, sync and async alike.
+/// Reads and writes of disjoint ranges proceed in parallel; overlapping requests behave as on a
+/// disk (a read concurrent with a write sees the old or the new bytes of each cluster).
+/// Durability: completed writes survive a power cut once <see cref="Flush"/> (or
+/// <see cref="FlushAsync"/>) returns; a cut at any moment leaves the image consistent, with at
+/// worst leaked clusters that <see cref="Check"/> repairs.
+/// </remarks>
+public sealed class QcowImage : IDisposable, IAsyncDisposable
+{
+    private readonly QcowCore _core;
+
+    private QcowImage(QcowCore core) => _core = core;
+
+    internal QcowCore Core => _core;
+
+    /// <summary>Opens an existing image, recognised by its magic number (never by its file name).</summary>
+    /// <param name="path">The image file.</param>
+    /// <param name="options">How to open it; null for read-write through the page cache.</param>
+    /// <returns>The open image.</returns>
+    public static QcowImage Open(string path, QcowOpenOptions? options = null)
+    {
+        options ??= new QcowOpenOptions();
+        ImageStorage storage = options.CacheMode == QcowCacheMode.None
+            ? DirectFileStorage.Open(path, !options.ReadOnly)
+            : FileStorage.Open(path, !options.ReadOnly);
+        return OpenStorage(storage, options);
+    }
+
+    /// <summary>Opens an image from a file handle; the handle is disposed with the image unless <see cref="QcowOpenOptions.LeaveOpen"/>.</summary>
+    /// <param name="handle">A handle opened for reading (and writing, unless read-only).</param>
+    /// <param name="options">How to open it.</param>
+    /// <returns>The open image.</returns>
+    public static QcowImage Open(SafeFileHandle handle, QcowOpenOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(handle);
+        options ??= new QcowOpenOptions();
+        return OpenStorage(new FileStorage(handle, null, !options.ReadOnly, !options.LeaveOpen), options);
+    }
+
+    /// <summary>Opens an image held in a seekable stream. Requests are serialized on the stream.</summary>
+    /// <param name="stream">A readable, seekable stream (writable unless read-only).</param>
+    /// <param name="options">How to open it.</param>
+    /// <returns>The open image.</returns>
+    public static QcowImage Open(Stream stream, QcowOpenOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(stream);
+        options ??= new QcowOpenOptions();
+        return OpenStorage(new StreamStorage(stream, (stream as FileStream)?.Name, options.LeaveOpen), options);
+    }
+
+    private static QcowImage OpenStorage(ImageStorage storage, QcowOpenOptions options)
+    {
+        try
+        {
+            return new QcowImage(QcowCore.Open(storage, options.ReadOnly, options.L2CacheSize, options.RefcountCacheSize));
+        }
+        catch
+        {
+            storage.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Creates a new image file (which must not exist) and opens it read-write.</summary>
+    /// <param name="path">Where to create it.</param>
+    /// <param name="virtualSize">The guest-visible size in bytes.</param>
+    /// <param name="options">Format options; null for QEMU's defaults (v3, 64 KiB clusters, 16-bit refcounts).</param>
+    /// <returns>The open image.</returns>
+    public static QcowImage Create(string path, long virtualSize, QcowCreateOptions? options = null)
+    {
+        options ??= new QcowCreateOptions();
+        QcowCreator.Validate(virtualSize, options);
+        ImageStorage storage = FileStorage.Open(path, writable: true, create: true);
+        if (options.CacheMode == QcowCacheMode.None)
+        {
+            storage.Dispose();
+            storage = DirectFileStorage.Open(path, writable: true);
+        }
+        try
+        {
+            return new QcowImage(QcowCreator.Create(storage, virtualSize, options));
+        }
+        catch
+        {
+            storage.Dispose();
+            try
+            {
+                File.Delete(path);
+            }
+            catch (IOException)
+            {
+                // Leave the half-made file; the original error matters more.
+            }
+            throw;
+        }
+    }
+
+    /// <summary>Creates a new image in a stream (its content is replaced) and opens it read-write.</summary>
+    /// <param name="stream">A readable, writable, seekable stream.</param>
+    /// <param name="virtualSize">The guest-visible size in bytes.</param>
+    /// <param name="options">Format options.</param>
+    /// <param name="leaveOpen">Leave the stream open when the image is disposed.</param>
+    /// <returns>The open image.</returns>
+    public static QcowImage Create(Stream stream, long virtualSize, QcowCreateOptions? options = null, bool leaveOpen = false)
+    {
+        ArgumentNullException.ThrowIfNull(stream);
+        options ??= new QcowCreateOptions();
+        var storage = new StreamStorage(stream, (stream as FileStream)?.Name, leaveOpen);
+        try
+        {
+            return new QcowImage(QcowCreator.Create(storage, virtualSize, options));
+        }
+        catch
+        {
+            storage.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Whether the bytes start with the qcow2 magic number.</summary>
+    /// <param name="header">The first bytes of a file (at least 4).</param>
+    /// <returns>True for a qcow2 image.</returns>
+    public static bool IsQcow2(ReadOnlySpan<byte> header)
+        => header.Length >= 4 && BinaryPrimitives.ReadUInt32BigEndian(header) == QcowHeader.Magic;
+
+    /// <summary>Whether the file starts with the qcow2 magic number.</summary>
+    /// <param name="path">The file to probe.</param>
+    /// <returns>True for a qcow2 image.</returns>
+    public static bool IsQcow2(string path)
+    {
+        Span<byte> magic = stackalloc byte[4];
+        using var h = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+        return RandomAccess.Read(h, magic, 0) == 4 && IsQcow2(magic);
+    }
+
+    /// <summary>The image's file name, when it has one.</summary>
+    public string? FileName => _core.Name;
+
+    /// <summary>The guest-visible size in bytes.</summary>
+    public long Size => _core.Size;
+
+    /// <summary>Cluster size in bytes.</summary>
+    public int ClusterSize => _core.ClusterSize;
+
+    /// <summary>Format version, 2 or 3.</summary>
+    public int Version => (int)_core.Header.Version;
+
+    /// <summary>Refcount width in bits.</summary>
+    public int RefcountBits => _core.Header.RefcountBits;
+
+    /// <summary>Whether the image was opened read-only (or was switched to read-only after detecting corruption).</summary>
+    public bool IsReadOnly => _core.ReadOnly;
+
+    /// <summary>Reads guest bytes; unallocated and zero clusters read as zeroes.</summary>
+    /// <param name="offset">Guest byte offset.</param>
+    /// <param name="buffer">Where to put the bytes; its length is the request's length.</param>
+    public void Read(long offset, Span<byte> buffer) => _core.Read(offset, buffer);
+
+    /// <summary>Reads guest bytes asynchronously.</summary>
+    /// <param name="offset">Guest byte offset.</param>
+    /// <param name="buffer">Where to put the bytes.</param>
+    /// <param name="cancellationToken">Cancels between clusters.</param>
+    /// <returns>Completes when the bytes are in the buffer.</returns>
+    public ValueTask ReadAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken = default)
+        => _core.ReadAsync(offset, buffer, cancellationToken);
+
+    /// <summary>Writes guest bytes, allocating clusters as needed.</summary>
+    /// <param name="offset">Guest byte offset.</param>
+    /// <param name="data">The bytes.</param>
+    public void Write(long offset, ReadOnlySpan<byte> data) => _core.Write(offset, data);
+
+    /// <summary>Writes guest bytes asynchronously.</summary>
+    /// <param name="offset">Guest byte offset.</param>
+    /// <param name="data">The bytes.</param>
+    /// <param name="cancellationToken">Cancels between clusters.</param>
+    /// <returns>Completes when the write is done (durable after the next flush).</returns>
+    public ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default)
+        => _core.WriteAsync(offset, data, cancellationToken);
+
+    /// <summary>Makes a range read as zeroes (qemu-io write -z); on version 3 whole clusters get the zero flag.</summary>
+    /// <param name="offset">Guest byte offset.</param>
+    /// <param name="length">Bytes.</param>
+    /// <param name="mayUnmap">Whether whole clusters may be deallocated (qemu-io write -z -u).</param>
+    public void WriteZeroes(long offset, long length, bool mayUnmap = false) => _core.WriteZeroes(offset, length, mayUnmap);
+
+    /// <summary>Asynchronous <see cref="WriteZeroes"/>.</summary>
+    /// <param name="offset">Guest byte offset.</param>
+    /// <param name="length">Bytes.</param>
+    /// <param name="mayUnmap">Whether whole clusters may be deallocated.</param>
+    /// <param name="cancellationToken">Cancels before the work starts.</param>
+    /// <returns>Completes when done.</returns>
+    public ValueTask WriteZeroesAsync(long offset, long length, bool mayUnmap = false, CancellationToken cancellationToken = default)
+    {
+        cancellationToken.ThrowIfCancellationRequested();
+        return new ValueTask(Task.Run(() => _core.WriteZeroes(offset, length, mayUnmap), cancellationToken));
+    }
+
+    /// <summary>Deallocates the whole clusters in a range; they then read as zeroes. Partial clusters at the ends are untouched, as in QEMU.</summary>
+    /// <param name="offset">Guest byte offset.</param>
+    /// <param name="length">Bytes.</param>
+    public void Discard(long offset, long length) => _core.Discard(offset, length);
+
+    /// <summary>Asynchronous <see cref="Discard"/>.</summary>
+    /// <param name="offset">Guest byte offset.</param>
+    /// <param name="length">Bytes.</param>
+    /// <param name="cancellationToken">Cancels before the work starts.</param>
+    /// <returns>Completes when done.</returns>
+    public ValueTask DiscardAsync(long offset, long length, CancellationToken cancellationToken = default)
+    {
+        cancellationToken.ThrowIfCancellationRequested();
+        return new ValueTask(Task.Run(() => _core.Discard(offset, length), cancellationToken));
+    }
+
+    /// <summary>Makes every completed write and all metadata durable, in crash-safe order.</summary>
+    public void Flush() => _core.Flush();
+
+    /// <summary>Asynchronous <see cref="Flush"/>.</summary>
+    /// <param name="cancellationToken">Cancels before the work starts.</param>
+    /// <returns>Completes when everything is durable.</returns>
+    public ValueTask FlushAsync(CancellationToken cancellationToken = default) => _core.FlushAsync(cancellationToken);
+
+    /// <summary>Grows the virtual disk. Shrinking is not supported yet.</summary>
+    /// <param name="newSize">The new size in bytes.</param>
+    public void Resize(long newSize) => _core.Resize(newSize);
+
+    /// <summary>Checks the image's metadata as qemu-img check does, optionally repairing it.</summary>
+    /// <param name="repair">What to repair; anything but <see cref="QcowRepairMode.None"/> needs a writable image.</param>
+    /// <returns>What was found and fixed.</returns>
+    public QcowCheckResult Check(QcowRepairMode repair = QcowRepairMode.None) => _core.Check(repair);
+
+    /// <summary>The allocation of a guest range, as qemu-img map reports it.</summary>
+    /// <param name="offset">Guest byte offset.</param>
+    /// <param name="length">Bytes; -1 for the rest of the disk.</param>
+    /// <returns>Runs of one kind, in order, covering the range.</returns>
+    public IReadOnlyList<QcowExtent> GetMap(long offset = 0, long length = -1)
+    {
+        if (length < 0)
+        {
+            length = Size - offset;
+        }
+        var runs = _core.Map(offset, length);
+        var result = new List<QcowExtent>(runs.Count);
+        foreach (var (start, len, kind, host) in runs)
+        {
+            var k = kind switch
+            {
+                ClusterKind.Normal => QcowExtentKind.Data,
+                ClusterKind.Compressed => QcowExtentKind.Compressed,
+                ClusterKind.ZeroPlain or ClusterKind.ZeroAllocated => QcowExtentKind.Zero,
+                _ => QcowExtentKind.Unallocated,
+            };
+            result.Add(new QcowExtent(start, len, k, host >= 0 ? host : null));
+        }
+        return result;
+    }
+
+    /// <summary>What qemu-img info reports.</summary>
+    /// <returns>The image's properties.</returns>
+    public QcowImageInfo GetInfo()
+    {
+        var h = _core.Header;
+        return new QcowImageInfo
+        {
+            FileName = _core.Name,
+            VirtualSize = _core.Size,
+            ActualSize = _core.AllocatedBytes,
+            ClusterSize = _core.ClusterSize,
+            Version = (int)h.Version,
+            LazyRefcounts = (h.CompatibleFeatures & QcowHeader.CompatLazyRefcounts) != 0,
+            RefcountBits = h.RefcountBits,
+            Corrupt = (h.IncompatibleFeatures & QcowHeader.IncompatCorrupt) != 0,
+            Dirty = (h.IncompatibleFeatures & QcowHeader.IncompatDirty) != 0,
+            ExtendedL2 = (h.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0,
+            CompressionType = h.CompressionType == 1 ? "zstd" : "zlib",
+            SnapshotCount = (int)h.NbSnapshots,
+        };
+    }
+
+    /// <summary>A seekable stream over the virtual disk. Disposing the stream leaves the image open.</summary>
+    /// <returns>A new stream positioned at 0.</returns>
+    public Stream AsStream() => new QcowStream(this);
+
+    /// <summary>Flushes (when writable) and closes the image.</summary>
+    public void Dispose() => _core.Dispose();
+
+    /// <summary>Flushes (when writable) and closes the image.</summary>
+    /// <returns>Completes when closed.</returns>
+    public ValueTask DisposeAsync()
+    {
+        _core.Dispose();
+        return ValueTask.CompletedTask;
+    }
+}

@@ -1,0 +1,124 @@
+using System.Runtime.InteropServices;
+using Microsoft.Win32.SafeHandles;
+
+namespace QcowTier.Storage;
+
+/// <summary>
+/// cache=none: a file opened with O_DIRECT. Every request is done through an aligned bounce
+/// buffer when the caller's buffer, offset or length is not aligned; unaligned writes
+/// read-modify-write whole sectors under a striped lock so that two writers sharing a sector
+/// cannot undo each other.
+/// </summary>
+internal sealed unsafe class DirectFileStorage : ImageStorage
+{
+    private const int Alignment = 4096;
+    private readonly FileStorage _inner;
+    private readonly object[] _stripes = Enumerable.Range(0, 64).Select(_ => new object()).ToArray();
+
+    private DirectFileStorage(FileStorage inner) => _inner = inner;
+
+    public static DirectFileStorage Open(string path, bool writable)
+    {
+        SafeFileHandle handle = NativeMethods.OpenDirect(path, writable);
+        return new DirectFileStorage(new FileStorage(handle, path, writable, ownsHandle: true));
+    }
+
+    public override string? Name => _inner.Name;
+
+    public override int RequiredAlignment => Alignment;
+
+    public override long Length => _inner.Length;
+
+    public override bool CanWrite => _inner.CanWrite;
+
+    private static bool IsAligned(long offset, int length, ReadOnlySpan<byte> buffer)
+    {
+        fixed (byte* p = buffer)
+        {
+            return ((offset | (uint)length | (long)(nint)p) & (Alignment - 1)) == 0;
+        }
+    }
+
+    public override void Read(long offset, Span<byte> buffer)
+    {
+        if (IsAligned(offset, buffer.Length, buffer))
+        {
+            _inner.Read(offset, buffer);
+            return;
+        }
+        var start = offset & ~(long)(Alignment - 1);
+        var end = (offset + buffer.Length + Alignment - 1) & ~(long)(Alignment - 1);
+        using var bounce = new AlignedBuffer(checked((int)(end - start)));
+        _inner.Read(start, bounce.Span);
+        bounce.Span.Slice((int)(offset - start), buffer.Length).CopyTo(buffer);
+    }
+
+    public override void Write(long offset, ReadOnlySpan<byte> data)
+    {
+        if (IsAligned(offset, data.Length, data))
+        {
+            _inner.Write(offset, data);
+            return;
+        }
+        var start = offset & ~(long)(Alignment - 1);
+        var end = (offset + data.Length + Alignment - 1) & ~(long)(Alignment - 1);
+        using var bounce = new AlignedBuffer(checked((int)(end - start)));
+        // Lock the stripes of the head and the tail sector (in index order, so two writers cannot deadlock).
+        var a = (int)((ulong)(start / Alignment) % (ulong)_stripes.Length);
+        var b = (int)((ulong)((end - Alignment) / Alignment) % (ulong)_stripes.Length);
+        lock (_stripes[Math.Min(a, b)])
+        lock (_stripes[Math.Max(a, b)])
+        {
+            var length = _inner.Length;
+            var headPartial = offset != start;
+            var tailStart = end - Alignment;
+            // Only the partial head and tail sectors need their old bytes.
+            if (headPartial && start < length)
+            {
+                _inner.Read(start, bounce.Span[..Alignment]);
+            }
+            if (offset + data.Length != end && tailStart < length && !(headPartial && tailStart == start))
+            {
+                _inner.Read(tailStart, bounce.Span[^Alignment..]);
+            }
+            data.CopyTo(bounce.Span[(int)(offset - start)..]);
+            // The file may end up padded to the next 4 KiB: harmless, qcow2 never reads meaning into the tail.
+            _inner.Write(start, bounce.Span);
+        }
+    }
+
+    public override void Flush() => _inner.Flush();
+
+    public override void SetLength(long length) => _inner.SetLength(length);
+
+    public override void PunchHole(long offset, long length) => _inner.PunchHole(offset, length);
+
+    public override long AllocatedBytes => _inner.AllocatedBytes;
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            _inner.Dispose();
+        }
+    }
+
+    /// <summary>Native memory aligned for O_DIRECT; freed at the end of its scope.</summary>
+    private readonly struct AlignedBuffer : IDisposable
+    {
+        private readonly void* _ptr;
+        private readonly int _length;
+
+        public AlignedBuffer(int length)
+        {
+            _length = length;
+            _ptr = NativeMemory.AlignedAlloc((nuint)length, Alignment);
+            // Bytes past the end of the file are never read into the buffer: they must be zero, not heap garbage.
+            NativeMemory.Clear(_ptr, (nuint)length);
+        }
+
+        public Span<byte> Span => new(_ptr, _length);
+
+        public void Dispose() => NativeMemory.AlignedFree(_ptr);
+    }
+}

@@ -1,0 +1,66 @@
+namespace QcowTier.Storage;
+
+/// <summary>
+/// Positional byte storage under an image: no shared position, so any number of callers may
+/// read and write at once. Implementations: a file handle (page cache or O_DIRECT), a stream
+/// (serialized), and in tests a fault-injecting wrapper.
+/// </summary>
+internal abstract class ImageStorage : IDisposable
+{
+    /// <summary>The file's name for messages, or null.</summary>
+    public abstract string? Name { get; }
+
+    /// <summary>Whether buffers, offsets and lengths must be aligned (O_DIRECT).</summary>
+    public virtual int RequiredAlignment => 1;
+
+    public abstract long Length { get; }
+
+    public abstract bool CanWrite { get; }
+
+    /// <summary>Reads exactly buffer.Length bytes; bytes past the end of the storage read as zero.</summary>
+    public abstract void Read(long offset, Span<byte> buffer);
+
+    public abstract void Write(long offset, ReadOnlySpan<byte> data);
+
+    public virtual ValueTask ReadAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken)
+    {
+        cancellationToken.ThrowIfCancellationRequested();
+        Read(offset, buffer.Span);
+        return ValueTask.CompletedTask;
+    }
+
+    public virtual ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
+    {
+        cancellationToken.ThrowIfCancellationRequested();
+        Write(offset, data.Span);
+        return ValueTask.CompletedTask;
+    }
+
+    /// <summary>Makes every completed write durable (fdatasync).</summary>
+    public abstract void Flush();
+
+    public abstract void SetLength(long length);
+
+    /// <summary>Releases the byte range so it reads as zero and, where the file system can, frees its space.</summary>
+    public virtual void PunchHole(long offset, long length)
+    {
+        // Fallback: write zeroes. Used only where the caller needs zeroes back.
+        var zero = new byte[Math.Min(length, 1 << 20)];
+        for (long done = 0; done < length; done += zero.Length)
+        {
+            var n = (int)Math.Min(zero.Length, length - done);
+            Write(offset + done, zero.AsSpan(0, n));
+        }
+    }
+
+    /// <summary>Bytes actually allocated on the host, or -1 when unknown.</summary>
+    public virtual long AllocatedBytes => -1;
+
+    protected virtual void Dispose(bool disposing) { }
+
+    public void Dispose()
+    {
+        Dispose(true);
+        GC.SuppressFinalize(this);
+    }
+}
