@@ -60,6 +60,14 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
         return OpenStorage(new StreamStorage(stream, (stream as FileStream)?.Name, options.LeaveOpen), options);
     }
 
+    /// <summary>Opens an image on any storage (tests use a fault-injecting one); the storage is disposed with the image.</summary>
+    internal static QcowImage OpenOn(ImageStorage storage, QcowOpenOptions? options = null)
+        => OpenStorage(storage, options ?? new QcowOpenOptions());
+
+    /// <summary>Creates an image on any storage; the storage is disposed with the image.</summary>
+    internal static QcowImage CreateOn(ImageStorage storage, long virtualSize, QcowCreateOptions? options = null)
+        => new(QcowCreator.Create(storage, virtualSize, options ?? new QcowCreateOptions()));
+
     private static QcowImage OpenStorage(ImageStorage storage, QcowOpenOptions options)
     {
         try
