@@ -13,8 +13,10 @@ namespace QcowTier.Engine;
 /// </summary>
 internal sealed class RefcountManager
 {
-    private readonly ImageStorage _file;
-    private readonly QcowHeader _header;
+    private readonly ImageStorage _meta;     // where the table and the blocks live
+    private readonly ImageStorage _counted;  // the file whose clusters are counted
+    private readonly RefcountManager? _parent; // allocates our metadata clusters, or null when self-hosted
+    private readonly Action<long, uint> _commitTable;
     private readonly int _clusterBits;
     private readonly int _clusterSize;
     private readonly int _order;
@@ -25,20 +27,48 @@ internal sealed class RefcountManager
     private readonly MetadataCache _blocks;
     private readonly Dictionary<long, long> _pendingFrees = [];
     private long _tableOffset;
+    private uint _tableClusters;
     private int _diskEntries;
     private long _freeHint;
 
+    /// <summary>The refcounts of a qcow2 file, kept in that file and located by its header.</summary>
     public RefcountManager(ImageStorage file, QcowHeader header, int cacheBlocks)
+        : this(file, file, null, header.ClusterBits, header.RefcountOrder, header.RefcountTableOffset, header.RefcountTableClusters, cacheBlocks,
+               (off, clusters) => CommitHeaderTable(file, header, off, clusters))
     {
-        _file = file;
-        _header = header;
-        _clusterBits = header.ClusterBits;
-        _clusterSize = header.ClusterSize;
-        _order = header.RefcountOrder;
+    }
+
+    /// <summary>
+    /// Refcounts of <paramref name="counted"/> whose table and blocks live in <paramref name="meta"/>,
+    /// allocated by <paramref name="parent"/> (the tiered layout's HDD data file).
+    /// </summary>
+    public RefcountManager(ImageStorage meta, ImageStorage counted, RefcountManager? parent, int clusterBits, int order,
+        long tableOffset, uint tableClusters, int cacheBlocks, Action<long, uint> commitTable)
+    {
+        _meta = meta;
+        _counted = counted;
+        _parent = parent;
+        _commitTable = commitTable;
+        _clusterBits = clusterBits;
+        _clusterSize = 1 << clusterBits;
+        _order = order;
         _blockBits = _clusterBits + 3 - _order;
         _max = RefcountBlock.MaxValue(_order);
-        _blocks = new MetadataCache(cacheBlocks, (off, data) => _file.Write(off, data));
+        _blocks = new MetadataCache(cacheBlocks, (off, data) => _meta.Write(off, data));
+        _tableOffset = tableOffset;
+        _tableClusters = tableClusters;
         LoadTable();
+    }
+
+    private static void CommitHeaderTable(ImageStorage file, QcowHeader header, long offset, uint clusters)
+    {
+        Span<byte> hdr = stackalloc byte[12];
+        BinaryPrimitives.WriteUInt64BigEndian(hdr, (ulong)offset);
+        BinaryPrimitives.WriteUInt32BigEndian(hdr[8..], clusters);
+        // One 12-byte write inside the first sector: the switch to the new table is atomic.
+        file.Write(QcowHeader.OffsetRefcountTableOffset, hdr);
+        header.RefcountTableOffset = offset;
+        header.RefcountTableClusters = clusters;
     }
 
     public long EntriesPerBlock => 1L << _blockBits;
@@ -49,26 +79,24 @@ internal sealed class RefcountManager
 
     public bool HasDirty => _dirtyTableEntries.Count > 0 || _blocks.HasDirty || _table.Count > _diskEntries;
 
-    private string? Name => _file.Name;
+    public bool HasDirtyTable => _dirtyTableEntries.Count > 0 || _table.Count > _diskEntries;
+
+    public long TableOffset => _tableOffset;
+
+    public uint TableClusters => _tableClusters;
+
+    private string? Name => _counted.Name;
 
     private void LoadTable()
     {
-        _tableOffset = _header.RefcountTableOffset;
-        _diskEntries = (int)((long)_header.RefcountTableClusters * _clusterSize / 8);
-        var raw = new byte[(long)_header.RefcountTableClusters * _clusterSize];
-        _file.Read(_tableOffset, raw);
-        var last = 0;
+        _diskEntries = (int)((long)_tableClusters * _clusterSize / 8);
+        var raw = new byte[(long)_tableClusters * _clusterSize];
+        _meta.Read(_tableOffset, raw);
         _table.Clear();
         for (var i = 0; i < _diskEntries; i++)
         {
-            var e = (long)BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
-            _table.Add(e);
-            if (e != 0)
-            {
-                last = i + 1;
-            }
+            _table.Add((long)BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8)));
         }
-        _ = last;
         _freeHint = 0;
     }
 
@@ -81,7 +109,7 @@ internal sealed class RefcountManager
         LoadTable();
     }
 
-    private byte[]? GetBlock(long blockIndex, bool create)
+    private byte[]? GetBlock(long blockIndex)
     {
         if (blockIndex < _table.Count)
         {
@@ -91,11 +119,7 @@ internal sealed class RefcountManager
                 return LoadBlock(off, blockIndex);
             }
         }
-        if (!create)
-        {
-            return null;
-        }
-        return CreateBlock(blockIndex);
+        return null;
     }
 
     private byte[] LoadBlock(long off, long blockIndex)
@@ -109,35 +133,28 @@ internal sealed class RefcountManager
         {
             ThrowHelper.Corrupt(Name, _tableOffset + blockIndex * 8, "refcount table entry", $"refcount block offset 0x{off:x} (refcount table index {blockIndex}) is not aligned to the cluster size");
         }
-        if (off > _file.Length - _clusterSize)
+        if (off > _meta.Length - _clusterSize)
         {
             ThrowHelper.Corrupt(Name, _tableOffset + blockIndex * 8, "refcount table entry", $"refcount block offset 0x{off:x} (refcount table index {blockIndex}) lies beyond the end of the file");
         }
         var data = new byte[_clusterSize];
-        _file.Read(off, data);
+        _meta.Read(off, data);
         _blocks.Add(off, data, dirty: false);
         return data;
     }
 
-    /// <summary>
-    /// A block for a range nobody has allocated in yet lives at the first cluster of its own range:
-    /// that cluster is free by definition, and the block describes itself.
-    /// </summary>
-    private byte[] CreateBlock(long blockIndex)
+    /// <summary>Adds an empty block for <paramref name="blockIndex"/> at host offset <paramref name="off"/>.</summary>
+    private byte[] AddBlock(long blockIndex, long off)
     {
-        var cluster = blockIndex << _blockBits;
-        if (cluster == 0)
+        if (blockIndex == 0 && _parent is null)
         {
             ThrowHelper.Corrupt(Name, _tableOffset, "refcount table entry", "refcount table entry 0 is empty: the header cluster has no refcount block");
         }
-        if ((cluster << _clusterBits) / 8 > QcowHeader.MaxRefcountTableBytes * EntriesPerBlock)
+        if ((blockIndex + 1) * 8 > QcowHeader.MaxRefcountTableBytes)
         {
-            throw new QcowException($"{Name ?? "image"}: the image would outgrow the largest refcount table qcow2 allows");
+            throw new QcowException($"{Name ?? "image"}: the file would outgrow the largest refcount table qcow2 allows");
         }
-        var off = cluster << _clusterBits;
         var data = new byte[_clusterSize];
-        RefcountBlock.Set(data, 0, _order, 1);
-        EnsureFileCovers(off + _clusterSize);
         _blocks.Add(off, data, dirty: true);
         while (_table.Count <= blockIndex)
         {
@@ -150,25 +167,25 @@ internal sealed class RefcountManager
 
     private void EnsureFileCovers(long end)
     {
-        if (_file.Length < end)
+        if (_counted.Length < end)
         {
             // Extending under the metadata lock, before any data is written to the new clusters,
             // means the file only ever grows and a new cluster reads as zeroes until written.
-            _file.SetLength(end);
+            _counted.SetLength(end);
         }
     }
 
     public ulong Get(long cluster)
     {
-        var block = GetBlock(cluster >> _blockBits, create: false);
+        var block = GetBlock(cluster >> _blockBits);
         return block is null ? 0 : RefcountBlock.Get(block, (int)(cluster & (EntriesPerBlock - 1)), _order);
     }
 
     public void Update(long cluster, long delta)
     {
         var blockIndex = cluster >> _blockBits;
-        var block = GetBlock(blockIndex, create: delta > 0)
-            ?? ThrowHelper.Corrupt<byte[]>(Name, -1, "refcount", $"cluster 0x{cluster << _clusterBits:x} is freed but has no refcount block");
+        var block = GetBlock(blockIndex)
+            ?? ThrowHelper.Corrupt<byte[]>(Name, -1, "refcount", $"cluster 0x{cluster << _clusterBits:x} has no refcount block");
         var idx = (int)(cluster & (EntriesPerBlock - 1));
         var cur = RefcountBlock.Get(block, idx, _order);
         ulong next;
@@ -200,35 +217,47 @@ internal sealed class RefcountManager
     /// <param name="count">Clusters wanted.</param>
     /// <param name="fresh">True when the run begins at or past the old end of the file, so it reads as zeroes.</param>
     /// <returns>The host byte offset of the run.</returns>
+    /// <remarks>
+    /// Ranges without a refcount block read as free. A self-hosted manager places the blocks such a run
+    /// needs right after the run (QEMU retries its search instead); each block then counts itself or is
+    /// counted by a neighbour, and nothing has to be searched twice.
+    /// </remarks>
     public long Allocate(int count, out bool fresh)
     {
+        var extra = 0;
+        List<long> missing = [];
         while (true)
         {
-            var start = FindFree(count);
-            var created = false;
-            for (var b = start >> _blockBits; b <= (start + count - 1) >> _blockBits; b++)
+            var start = FindFree(count + extra);
+            missing.Clear();
+            for (var b = start >> _blockBits; b <= (start + count + extra - 1) >> _blockBits; b++)
             {
-                if (GetBlock(b, create: false) is null)
+                if (b >= _table.Count || _table[(int)b] == 0)
                 {
-                    CreateBlock(b);
-                    created = true;
+                    missing.Add(b);
                 }
             }
-            if (created)
+            if (_parent is null && missing.Count > extra)
             {
-                continue; // the new block took a cluster, perhaps inside the run: search again
+                extra = missing.Count;
+                continue; // room for the blocks too
             }
             var off = start << _clusterBits;
-            fresh = off >= _file.Length;
-            for (var i = 0L; i < count; i++)
+            fresh = off >= _counted.Length;
+            var end = start + count;
+            foreach (var b in missing)
             {
-                Update(start + i, 1);
+                AddBlock(b, _parent is null ? (end++) << _clusterBits : _parent.Allocate(1, out _));
+            }
+            for (var c = start; c < end; c++)
+            {
+                Update(c, 1);
             }
             if (start == _freeHint)
             {
-                _freeHint = start + count;
+                _freeHint = end;
             }
-            EnsureFileCovers(off + ((long)count << _clusterBits));
+            EnsureFileCovers(end << _clusterBits);
             return off;
         }
     }
@@ -237,7 +266,8 @@ internal sealed class RefcountManager
     {
         var run = 0;
         var start = 0L;
-        for (var i = _freeHint; ; i++)
+        // Cluster 0 of a qcow2 file is its header, whatever a damaged refcount says.
+        for (var i = Math.Max(_freeHint, _parent is null ? 1 : 0); ; i++)
         {
             if (Get(i) == 0 && !_pendingFrees.ContainsKey(i))
             {
@@ -294,14 +324,30 @@ internal sealed class RefcountManager
         _pendingFrees.Clear();
     }
 
-    /// <summary>Writes every dirty refcount block and table entry, relocating the table when it has outgrown its clusters.</summary>
+    /// <summary>Writes every dirty refcount block (always safe: blocks only ever hold increments or durable decrements).</summary>
+    public void WriteBlocks() => _blocks.WriteAllDirty();
+
+    /// <summary>Blocks, then (once they are durable) the table entries pointing at new blocks.</summary>
     public void WriteBack()
+    {
+        WriteBlocks();
+        if (HasDirtyTable)
+        {
+            _meta.Flush();
+            WriteTable();
+        }
+    }
+
+    /// <summary>
+    /// Writes dirty table entries, relocating the table when it has outgrown its clusters. The caller
+    /// has made the new blocks durable first: a table entry must never point at an unwritten block.
+    /// </summary>
+    public void WriteTable()
     {
         if (_table.Count > _diskEntries)
         {
             Relocate();
         }
-        _blocks.WriteAllDirty();
         if (_dirtyTableEntries.Count > 0)
         {
             Span<byte> e = stackalloc byte[8];
@@ -310,31 +356,28 @@ internal sealed class RefcountManager
             foreach (var i in sorted)
             {
                 BinaryPrimitives.WriteUInt64BigEndian(e, (ulong)_table[i]);
-                _file.Write(_tableOffset + (long)i * 8, e);
+                _meta.Write(_tableOffset + (long)i * 8, e);
             }
             _dirtyTableEntries.Clear();
         }
     }
 
     /// <summary>
-    /// Moves the refcount table to a larger run of clusters: write the new table, flush, point the
-    /// header at it (one 12-byte write inside the first sector), flush, then free the old one.
+    /// Moves the refcount table to a larger run of clusters: write the new table and every block,
+    /// flush, switch the pointer to it (header or tier extension) in one small write, flush, then free the old one.
     /// </summary>
     private void Relocate()
     {
+        var owner = _parent ?? this;
         var clusters = (int)QcowHeader.CeilDiv((long)_table.Count * 8, _clusterSize);
         while (true)
         {
-            clusters = Math.Max(clusters, (int)_header.RefcountTableClusters * 2);
-            if ((long)clusters * _clusterSize > QcowHeader.MaxRefcountTableBytes)
+            clusters = Math.Max(clusters, (int)Math.Min(_tableClusters * 2L, QcowHeader.MaxRefcountTableBytes / _clusterSize));
+            if ((long)_table.Count * 8 > (long)clusters * _clusterSize)
             {
-                clusters = (int)(QcowHeader.MaxRefcountTableBytes / _clusterSize);
-                if ((long)_table.Count * 8 > (long)clusters * _clusterSize)
-                {
-                    throw new QcowException($"{Name ?? "image"}: the image would outgrow the largest refcount table qcow2 allows");
-                }
+                throw new QcowException($"{Name ?? "image"}: the file would outgrow the largest refcount table qcow2 allows");
             }
-            var off = Allocate(clusters, out _);
+            var off = owner.Allocate(clusters, out _);
             if ((long)_table.Count * 8 <= (long)clusters * _clusterSize)
             {
                 var raw = new byte[(long)clusters * _clusterSize];
@@ -342,26 +385,27 @@ internal sealed class RefcountManager
                 {
                     BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), (ulong)_table[i]);
                 }
-                _blocks.WriteAllDirty();
-                _file.Write(off, raw);
-                _file.Flush();
-                Span<byte> hdr = stackalloc byte[12];
-                BinaryPrimitives.WriteUInt64BigEndian(hdr, (ulong)off);
-                BinaryPrimitives.WriteUInt32BigEndian(hdr[8..], (uint)clusters);
-                _file.Write(QcowHeader.OffsetRefcountTableOffset, hdr);
-                _file.Flush();
+                WriteBlocks();
+                if (_parent is not null)
+                {
+                    _parent.WriteBlocks();
+                    _parent.WriteTable();
+                }
+                _meta.Write(off, raw);
+                _meta.Flush();
                 var oldOff = _tableOffset;
-                var oldClusters = (int)_header.RefcountTableClusters;
-                _header.RefcountTableOffset = off;
-                _header.RefcountTableClusters = (uint)clusters;
+                var oldClusters = (int)_tableClusters;
+                _commitTable(off, (uint)clusters);
+                _meta.Flush();
                 _tableOffset = off;
+                _tableClusters = (uint)clusters;
                 _diskEntries = (int)((long)clusters * _clusterSize / 8);
                 _dirtyTableEntries.Clear();
-                FreeNow(oldOff, oldClusters);
+                owner.FreeNow(oldOff, oldClusters);
                 return;
             }
             // Allocating the table needed more blocks than it has room for: undo and try bigger.
-            FreeNow(off, clusters);
+            owner.FreeNow(off, clusters);
             clusters = (int)QcowHeader.CeilDiv((long)_table.Count * 8, _clusterSize) + 1;
         }
     }
