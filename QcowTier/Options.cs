@@ -60,6 +60,12 @@ public sealed class QcowOpenOptions
 
     /// <summary>For stream and handle opens: leave the stream or handle open when the image is disposed.</summary>
     public bool LeaveOpen { get; init; }
+
+    /// <summary>
+    /// For tiered images: the HDD data file to use instead of the one the image names (required when
+    /// the image is opened from a stream or handle). It must still carry the image's UUID.
+    /// </summary>
+    public string? TierDataFile { get; init; }
 }
 
 /// <summary>Options for creating an image (qemu-img create -o).</summary>
@@ -82,4 +88,7 @@ public sealed class QcowCreateOptions
 
     /// <summary>Page cache or O_DIRECT for the created image.</summary>
     public QcowCacheMode CacheMode { get; init; } = QcowCacheMode.Writeback;
+
+    /// <summary>Make a tiered image, with its HDD data file and placement policy; null for a plain image.</summary>
+    public QcowTierOptions? Tier { get; init; }
 }

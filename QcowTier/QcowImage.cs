@@ -72,7 +72,8 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
     {
         try
         {
-            return new QcowImage(QcowCore.Open(storage, options.ReadOnly, options.L2CacheSize, options.RefcountCacheSize));
+            return new QcowImage(QcowCore.Open(storage, options.ReadOnly, options.L2CacheSize, options.RefcountCacheSize,
+                tierDataFile: options.TierDataFile, cacheMode: options.CacheMode));
         }
         catch
         {
@@ -260,7 +261,7 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
         }
         var runs = _core.Map(offset, length);
         var result = new List<QcowExtent>(runs.Count);
-        foreach (var (start, len, kind, host) in runs)
+        foreach (var (start, len, kind, host, _) in runs)
         {
             var k = kind switch
             {
@@ -294,6 +295,155 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
             CompressionType = h.CompressionType == 1 ? "zstd" : "zlib",
             SnapshotCount = (int)h.NbSnapshots,
         };
+    }
+
+    /// <summary>Whether the image uses the tiered layout (clusters on an SSD primary file and an HDD data file).</summary>
+    public bool IsTiered => _core.IsTiered;
+
+    /// <summary>The full path of the HDD data file of a tiered image, or null.</summary>
+    public string? TierDataFile => _core.TierDataPath;
+
+    /// <summary>Where new clusters go when no pin says otherwise (tiered images).</summary>
+    public StorageTier DefaultTier => (RequireTier().Flags & Format.TierExtension.FlagDefaultHdd) != 0 ? StorageTier.Hdd : StorageTier.Ssd;
+
+    /// <summary>The SSD budget in bytes (0: none) of a tiered image.</summary>
+    public long SsdBudget => RequireTier().SsdBudget;
+
+    private Format.TierExtension RequireTier()
+        => _core.Tier ?? throw new InvalidOperationException($"{FileName ?? "image"} is not a tiered image");
+
+    /// <summary>Turns this plain image into a tiered one in place; QEMU refuses it (by name) until <see cref="DetachTier"/>.</summary>
+    /// <param name="options">The HDD data file (created here) and the placement policy.</param>
+    public void AttachTier(QcowTierOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        _core.AttachTier(options.DataFile, (int)options.DefaultTier, options.SsdBudget);
+    }
+
+    /// <summary>Moves every cluster onto the primary file and removes the tiered layout, so stock QEMU opens the image again.</summary>
+    /// <param name="deleteDataFile">Delete the (then unused) HDD data file.</param>
+    public void DetachTier(bool deleteDataFile = true) => _core.DetachTier(deleteDataFile);
+
+    /// <summary>Changes the placement policy for new clusters (persisted in the image).</summary>
+    /// <param name="defaultTier">Where new clusters go when no pin says otherwise.</param>
+    /// <param name="ssdBudget">Bytes of data the SSD tier may hold before new clusters go to HDD; 0 for no limit.</param>
+    public void SetTierPolicy(StorageTier defaultTier, long ssdBudget) => _core.SetTierPolicy((int)defaultTier, ssdBudget);
+
+    /// <summary>The pinned guest ranges, in order.</summary>
+    /// <returns>The pins.</returns>
+    public IReadOnlyList<TierPin> GetTierPins()
+        => _core.Pins.Select(p => new TierPin(p.Start, p.Length, (StorageTier)p.Tier)).ToArray();
+
+    /// <summary>Pins a guest range to a tier (persisted in the image). Existing clusters are not moved: use <see cref="MoveToTier"/>.</summary>
+    /// <param name="offset">First guest byte.</param>
+    /// <param name="length">Bytes.</param>
+    /// <param name="tier">The tier.</param>
+    public void PinTier(long offset, long length, StorageTier tier) => _core.SetPin(offset, length, (int)tier);
+
+    /// <summary>Removes pins from a guest range.</summary>
+    /// <param name="offset">First guest byte.</param>
+    /// <param name="length">Bytes.</param>
+    public void UnpinTier(long offset, long length) => _core.SetPin(offset, length, -1);
+
+    /// <summary>Which tier holds each run of a guest range.</summary>
+    /// <param name="offset">First guest byte.</param>
+    /// <param name="length">Bytes; -1 for the rest of the disk.</param>
+    /// <returns>Runs in order, merged where the tier is the same.</returns>
+    public IReadOnlyList<TierExtent> GetPlacement(long offset = 0, long length = -1)
+    {
+        if (length < 0)
+        {
+            length = Size - offset;
+        }
+        var result = new List<TierExtent>();
+        foreach (var (start, len, kind, _, tier) in _core.Map(offset, length))
+        {
+            StorageTier? t = kind is ClusterKind.Normal or ClusterKind.ZeroAllocated or ClusterKind.Compressed ? (StorageTier)tier : null;
+            if (result.Count > 0 && result[^1].Tier == t && result[^1].Start + result[^1].Length == start)
+            {
+                result[^1] = result[^1] with { Length = result[^1].Length + len };
+            }
+            else
+            {
+                result.Add(new TierExtent(start, len, t));
+            }
+        }
+        return result;
+    }
+
+    /// <summary>Bytes of allocated clusters on each tier (a plain image has everything on SSD).</summary>
+    /// <returns>The usage.</returns>
+    public TierUsage GetTierUsage()
+    {
+        var (ssd, hdd) = _core.TierBytes();
+        return new TierUsage(ssd, hdd);
+    }
+
+    /// <summary>
+    /// Moves the allocated clusters of a guest range to a tier, crash-safely and in batches (copy, flush,
+    /// flip the L2 entries, flush, free). Concurrent reads and writes stay correct.
+    /// </summary>
+    /// <param name="offset">First guest byte (rounded down to a cluster).</param>
+    /// <param name="length">Bytes (rounded up to whole clusters).</param>
+    /// <param name="tier">The destination tier.</param>
+    /// <param name="progress">Receives the bytes moved so far after each batch.</param>
+    /// <param name="cancellationToken">Stops between batches; what was moved stays moved.</param>
+    /// <returns>What was moved.</returns>
+    public TierMoveResult MoveToTier(long offset, long length, StorageTier tier, IProgress<long>? progress = null, CancellationToken cancellationToken = default)
+    {
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        var (clusters, bytes) = _core.MoveToTier(offset, length, (int)tier, progress, cancellationToken);
+        return new TierMoveResult(clusters, bytes, sw.Elapsed);
+    }
+
+    /// <summary>Copies the virtual disk into a new plain qcow2 image (or a raw file), sparse, for stock QEMU.</summary>
+    /// <param name="path">The new file; it must not exist.</param>
+    /// <param name="raw">Write a raw image instead of qcow2.</param>
+    /// <param name="options">Format options of the new qcow2 image (a tier option here is ignored).</param>
+    public void ExportTo(string path, bool raw = false, QcowCreateOptions? options = null)
+    {
+        var extents = GetMap();
+        var buffer = new byte[Math.Max(ClusterSize, 1 << 20)];
+        if (raw)
+        {
+            using var fs = new FileStream(path, FileMode.CreateNew, FileAccess.Write);
+            fs.SetLength(Size);
+            CopyData(extents, buffer, (off, span) => RandomAccess.Write(fs.SafeFileHandle, span, off));
+            fs.Flush(flushToDisk: true);
+            return;
+        }
+        var o = options ?? new QcowCreateOptions { ClusterSize = ClusterSize, RefcountBits = RefcountBits, Compat = (QcowCompat)Version };
+        o = new QcowCreateOptions { ClusterSize = o.ClusterSize, RefcountBits = o.RefcountBits, Compat = o.Compat, LazyRefcounts = o.LazyRefcounts, CacheMode = o.CacheMode };
+        using var target = Create(path, Size, o);
+        CopyData(extents, buffer, (off, span) => target.Write(off, span));
+        foreach (var e in extents)
+        {
+            if (e.Kind == QcowExtentKind.Zero && target.Version >= 3)
+            {
+                target.WriteZeroes(e.Start, e.Length, mayUnmap: true);
+            }
+        }
+        target.Flush();
+    }
+
+    private delegate void SpanWriter(long offset, ReadOnlySpan<byte> data);
+
+    private void CopyData(IReadOnlyList<QcowExtent> extents, byte[] buffer, SpanWriter write)
+    {
+        foreach (var e in extents)
+        {
+            if (e.Kind is not (QcowExtentKind.Data or QcowExtentKind.Compressed))
+            {
+                continue;
+            }
+            for (long done = 0; done < e.Length;)
+            {
+                var n = (int)Math.Min(buffer.Length, e.Length - done);
+                Read(e.Start + done, buffer.AsSpan(0, n));
+                write(e.Start + done, buffer.AsSpan(0, n));
+                done += n;
+            }
+        }
     }
 
     /// <summary>A seekable stream over the virtual disk. Disposing the stream leaves the image open.</summary>

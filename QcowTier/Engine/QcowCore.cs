@@ -20,7 +20,7 @@ namespace QcowTier.Engine;
 /// Crash order at <see cref="Flush"/>: refcount increments, fsync, L2 tables, fsync, L1 entries, fsync,
 /// decrements. A power cut anywhere leaves at worst leaked clusters.
 /// </summary>
-internal sealed class QcowCore : IDisposable
+internal sealed partial class QcowCore : IDisposable
 {
     private readonly object _lock = new();
     private readonly Dictionary<long, TaskCompletionSource> _inflight = [];
@@ -33,6 +33,7 @@ internal sealed class QcowCore : IDisposable
     private MetadataCache _l2 = null!;
     private RefcountManager _refcounts = null!;
     private int _activeIo;
+    private int _activeWrites;
     private bool _needSyncBeforeL2;
     private bool _dirtyMarked;
     private bool _disposed;
@@ -93,7 +94,8 @@ internal sealed class QcowCore : IDisposable
 
     internal ulong[] L1 => _l1;
 
-    public static QcowCore Open(ImageStorage file, bool readOnly, long l2CacheBytes = 0, long refcountCacheBytes = 0, bool repairIfDirty = true)
+    public static QcowCore Open(ImageStorage file, bool readOnly, long l2CacheBytes = 0, long refcountCacheBytes = 0, bool repairIfDirty = true,
+        string? tierDataFile = null, QcowCacheMode cacheMode = QcowCacheMode.Writeback)
     {
         var fileLength = file.Length;
         var probe = new byte[(int)Math.Min(fileLength, 1 << QcowHeader.MaxClusterBits)];
@@ -101,17 +103,26 @@ internal sealed class QcowCore : IDisposable
         var header = QcowHeader.Parse(probe, fileLength, file.Name);
         CheckFeatures(header, readOnly, file.Name);
         var core = new QcowCore(file, header, readOnly, l2CacheBytes, refcountCacheBytes);
-        if (!readOnly)
+        try
         {
-            core.OpenWritable(repairIfDirty);
+            core.LoadTier(tierDataFile, cacheMode);
+            if (!readOnly)
+            {
+                core.OpenWritable(repairIfDirty);
+            }
+        }
+        catch
+        {
+            core._hdd?.Dispose();
+            throw;
         }
         return core;
     }
 
     private static void CheckFeatures(QcowHeader h, bool readOnly, string? name)
     {
-        const ulong known = QcowHeader.IncompatDirty | QcowHeader.IncompatCorrupt | QcowHeader.IncompatExternalDataFile
-            | QcowHeader.IncompatCompressionType | QcowHeader.IncompatExtendedL2;
+        var known = QcowHeader.IncompatDirty | QcowHeader.IncompatCorrupt | QcowHeader.IncompatExternalDataFile
+            | QcowHeader.IncompatCompressionType | QcowHeader.IncompatExtendedL2 | KnownTierIncompat(h);
         var unknown = h.IncompatibleFeatures & ~known;
         if (unknown != 0)
         {
@@ -320,11 +331,9 @@ internal sealed class QcowCore : IDisposable
     {
         // An L2 table may reach the disk only after the refcounts of what it points to, and the data
         // written into newly linked clusters, are durable.
-        if (_refcounts.HasDirty || _needSyncBeforeL2)
+        if (_refcounts.HasDirty || _hddRefcounts?.HasDirty == true || _needSyncBeforeL2)
         {
-            _refcounts.WriteBack();
-            File.Flush();
-            _needSyncBeforeL2 = false;
+            SyncRefcounts();
         }
         File.Write(offset, table);
     }
@@ -342,7 +351,11 @@ internal sealed class QcowCore : IDisposable
         }
         if (host < _clusterSize)
         {
-            SignalCorruption(l2Offset + l2Index * 8L, "L2 entry", $"data cluster offset 0x{host:x} overlaps the header (L2 offset: 0x{l2Offset:x}, L2 index: 0x{l2Index:x})");
+            SignalCorruption(l2Offset + l2Index * 8L, "L2 entry", $"data cluster offset 0x{host:x} overlaps the {(EntryTier(entry) == 1 ? "tier data file header" : "header")} (L2 offset: 0x{l2Offset:x}, L2 index: 0x{l2Index:x})");
+        }
+        if (EntryTier(entry) == 1 && host > _hdd!.Length - _clusterSize)
+        {
+            SignalCorruption(l2Offset + l2Index * 8L, "L2 entry", $"data cluster offset 0x{host:x} lies past the end of the tier data file {_hdd.Name} ({_hdd.Length} bytes; L2 offset: 0x{l2Offset:x}, L2 index: 0x{l2Index:x})");
         }
         return host;
     }
@@ -354,12 +367,14 @@ internal sealed class QcowCore : IDisposable
         public readonly ClusterKind Kind;
         public readonly long Host; // host offset of the first byte, when Kind is Normal/ZeroAllocated
         public readonly long Bytes;
+        public readonly int Tier;  // 0: primary file (SSD), 1: HDD data file
 
-        public Mapping(ClusterKind kind, long host, long bytes)
+        public Mapping(ClusterKind kind, long host, long bytes, int tier = 0)
         {
             Kind = kind;
             Host = host;
             Bytes = bytes;
+            Tier = tier;
         }
     }
 
@@ -384,6 +399,7 @@ internal sealed class QcowCore : IDisposable
         var l2Off = (long)(_l1[l1Index] & ClusterLayout.L1OffsetMask);
         var e = Entry(l2, l2Index);
         var kind = ClusterKinds.Classify(e);
+        var tier = EntryTier(e);
         long host = 0;
         if (kind is ClusterKind.Normal or ClusterKind.ZeroAllocated)
         {
@@ -402,7 +418,7 @@ internal sealed class QcowCore : IDisposable
             }
             if (kind is ClusterKind.Normal or ClusterKind.ZeroAllocated)
             {
-                if ((long)(ne & ClusterLayout.L2OffsetMask) != host + (next - l2Index) * (long)_clusterSize)
+                if ((long)(ne & ClusterLayout.L2OffsetMask) != host + (next - l2Index) * (long)_clusterSize || EntryTier(ne) != tier)
                 {
                     break;
                 }
@@ -419,7 +435,7 @@ internal sealed class QcowCore : IDisposable
             bytes += _clusterSize;
             next++;
         }
-        return new Mapping(kind, host + inCluster, Math.Min(bytes, maxBytes));
+        return new Mapping(kind, host + inCluster, Math.Min(bytes, maxBytes), tier);
     }
 
     private void CheckRange(long offset, long length)
@@ -469,7 +485,7 @@ internal sealed class QcowCore : IDisposable
                 case ClusterKind.Normal:
                     try
                     {
-                        File.Read(m.Host, buffer[..n]);
+                        DataFile(m.Tier).Read(m.Host, buffer[..n]);
                     }
                     finally
                     {
@@ -514,7 +530,7 @@ internal sealed class QcowCore : IDisposable
                 case ClusterKind.Normal:
                     try
                     {
-                        await File.ReadAsync(m.Host, buffer[..n], ct).ConfigureAwait(false);
+                        await DataFile(m.Tier).ReadAsync(m.Host, buffer[..n], ct).ConfigureAwait(false);
                     }
                     finally
                     {
@@ -558,6 +574,8 @@ internal sealed class QcowCore : IDisposable
         public bool Fresh;          // the clusters read as zeroes already (Allocate)
         public bool Reused;         // an existing ZeroAllocated cluster is being filled (Allocate)
         public long CowSource;      // host offset of a shared cluster whose content must be copied, or -1
+        public int CowTier;         // tier of CowSource
+        public int Tier;            // tier of Host
         public TaskCompletionSource? Done;
     }
 
@@ -572,7 +590,8 @@ internal sealed class QcowCore : IDisposable
         if (m.Kind == ClusterKind.Normal && IsCopied(offset))
         {
             _activeIo++;
-            return new WritePlan { Kind = PlanKind.InPlace, Host = m.Host, Bytes = (int)m.Bytes };
+            _activeWrites++;
+            return new WritePlan { Kind = PlanKind.InPlace, Host = m.Host, Bytes = (int)m.Bytes, Tier = m.Tier };
         }
         if (m.Kind == ClusterKind.Compressed)
         {
@@ -588,19 +607,28 @@ internal sealed class QcowCore : IDisposable
             plan.Host = m.Host - head;
             plan.Clusters = 1;
             plan.Reused = true;
+            plan.Tier = m.Tier;
         }
         else if (m.Kind == ClusterKind.Normal)
         {
             // Shared cluster (no COPIED flag): copy-on-write into a new one.
             plan.CowSource = m.Host - head;
+            plan.CowTier = m.Tier;
             plan.Clusters = 1;
-            plan.Host = _refcounts.Allocate(1, out plan.Fresh);
+            plan.Tier = ChooseTier(offset, 1);
+            plan.Host = Allocator(plan.Tier).Allocate(1, out plan.Fresh);
         }
         else
         {
             // Unallocated or plain zero: m.Bytes already stops at in-flight clusters and at the table's end.
-            plan.Clusters = (int)((head + m.Bytes + _clusterSize - 1) >> _clusterBits);
-            plan.Host = _refcounts.Allocate(plan.Clusters, out plan.Fresh);
+            var bytes = ClipToPins(offset, m.Bytes);
+            plan.Clusters = (int)((head + bytes + _clusterSize - 1) >> _clusterBits);
+            plan.Tier = ChooseTier(offset, plan.Clusters);
+            plan.Host = Allocator(plan.Tier).Allocate(plan.Clusters, out plan.Fresh);
+        }
+        if (!plan.Reused)
+        {
+            CountAllocated(plan.Tier, plan.Clusters);
         }
         plan.Bytes = (int)Math.Min(length, ((long)plan.Clusters << _clusterBits) - head);
         plan.Done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -637,9 +665,9 @@ internal sealed class QcowCore : IDisposable
                 var oldKind = ClusterKinds.Classify(old);
                 if (!plan.Reused && oldKind is ClusterKind.Normal or ClusterKind.ZeroAllocated)
                 {
-                    _refcounts.QueueFree((long)(old & ClusterLayout.L2OffsetMask), 1);
+                    FreeCluster(old);
                 }
-                SetEntry(table, first + i, (ulong)(plan.Host + ((long)i << _clusterBits)) | ClusterLayout.Copied);
+                SetEntry(table, first + i, (ulong)(plan.Host + ((long)i << _clusterBits)) | ClusterLayout.Copied | TierBits(plan.Tier));
             }
             _l2.MarkDirty(l2Off);
             _needSyncBeforeL2 = true;
@@ -653,7 +681,8 @@ internal sealed class QcowCore : IDisposable
         {
             if (!plan.Reused)
             {
-                _refcounts.FreeNow(plan.Host, plan.Clusters);
+                Allocator(plan.Tier).FreeNow(plan.Host, plan.Clusters);
+                CountAllocated(plan.Tier, -plan.Clusters);
             }
             ReleaseInflight(plan);
         }
@@ -688,10 +717,11 @@ internal sealed class QcowCore : IDisposable
                 case PlanKind.InPlace:
                     try
                     {
-                        File.Write(plan.Host, data[..plan.Bytes]);
+                        DataFile(plan.Tier).Write(plan.Host, data[..plan.Bytes]);
                     }
                     finally
                     {
+                        Interlocked.Decrement(ref _activeWrites);
                         Interlocked.Decrement(ref _activeIo);
                     }
                     break;
@@ -734,10 +764,11 @@ internal sealed class QcowCore : IDisposable
                 case PlanKind.InPlace:
                     try
                     {
-                        await File.WriteAsync(plan.Host, data[..plan.Bytes], ct).ConfigureAwait(false);
+                        await DataFile(plan.Tier).WriteAsync(plan.Host, data[..plan.Bytes], ct).ConfigureAwait(false);
                     }
                     finally
                     {
+                        Interlocked.Decrement(ref _activeWrites);
                         Interlocked.Decrement(ref _activeIo);
                     }
                     break;
@@ -751,7 +782,7 @@ internal sealed class QcowCore : IDisposable
                         }
                         else
                         {
-                            await File.WriteAsync(plan.Host + plan.Head, data[..plan.Bytes], CancellationToken.None).ConfigureAwait(false);
+                            await DataFile(plan.Tier).WriteAsync(plan.Host + plan.Head, data[..plan.Bytes], CancellationToken.None).ConfigureAwait(false);
                         }
                     }
                     catch
@@ -770,12 +801,13 @@ internal sealed class QcowCore : IDisposable
     /// <summary>Writes the data of a new allocation and whatever the rest of its clusters must hold.</summary>
     private void FillAllocation(in WritePlan plan, ReadOnlySpan<byte> data)
     {
+        var file = DataFile(plan.Tier);
         if (plan.CowSource >= 0)
         {
             var buf = new byte[_clusterSize];
-            File.Read(plan.CowSource, buf);
+            DataFile(plan.CowTier).Read(plan.CowSource, buf);
             data.CopyTo(buf.AsSpan(plan.Head));
-            File.Write(plan.Host, buf);
+            file.Write(plan.Host, buf);
             return;
         }
         var total = (long)plan.Clusters << _clusterBits;
@@ -784,17 +816,17 @@ internal sealed class QcowCore : IDisposable
             // A reused cluster holds stale bytes: zero what the guest did not write.
             if (plan.Head > 0)
             {
-                File.Write(plan.Host, _zeroCluster.AsSpan(0, plan.Head));
+                file.Write(plan.Host, _zeroCluster.AsSpan(0, plan.Head));
             }
             var tailStart = plan.Head + data.Length;
             var tail = total - tailStart;
             if (tail > 0)
             {
                 // The tail lies within the last cluster, so it is smaller than a cluster.
-                File.Write(plan.Host + tailStart, _zeroCluster.AsSpan(0, (int)tail));
+                file.Write(plan.Host + tailStart, _zeroCluster.AsSpan(0, (int)tail));
             }
         }
-        File.Write(plan.Host + plan.Head, data);
+        file.Write(plan.Host + plan.Head, data);
     }
 
     // ---------------------------------------------------------------- discard and zeroes
@@ -820,7 +852,7 @@ internal sealed class QcowCore : IDisposable
         {
             case ClusterKind.Normal:
             case ClusterKind.ZeroAllocated:
-                _refcounts.QueueFree((long)(e & ClusterLayout.L2OffsetMask), 1);
+                FreeCluster(e);
                 return Header.Version >= 3 ? ClusterLayout.Zero : 0;
             case ClusterKind.Compressed:
                 ThrowCompressed(-1);
@@ -893,7 +925,7 @@ internal sealed class QcowCore : IDisposable
             case ClusterKind.ZeroAllocated:
                 if (mayUnmap)
                 {
-                    _refcounts.QueueFree((long)(e & ClusterLayout.L2OffsetMask), 1);
+                    FreeCluster(e);
                     return ClusterLayout.Zero;
                 }
                 return e | ClusterLayout.Zero;
@@ -1004,12 +1036,7 @@ internal sealed class QcowCore : IDisposable
 
     private void FlushLocked()
     {
-        if (_refcounts.HasDirty)
-        {
-            _refcounts.WriteBack();
-        }
-        File.Flush();
-        _needSyncBeforeL2 = false;
+        SyncRefcounts();
         if (_l2.HasDirty || _dirtyL1.Count > 0)
         {
             _l2.WriteAllDirty();
@@ -1029,9 +1056,32 @@ internal sealed class QcowCore : IDisposable
                 spin.SpinOnce();
             }
             _refcounts.ApplyPendingFrees();
+            _hddRefcounts?.ApplyPendingFrees();
+            _hddRefcounts?.WriteBlocks();
+            _refcounts.WriteBack();
+            _hddRefcounts?.WriteTable();
+            File.Flush();
+        }
+    }
+
+    /// <summary>
+    /// Phase one of every ordered metadata write: refcount blocks of both files, flush (which also
+    /// makes completed data writes durable), then the table entries that point at new blocks, flush.
+    /// After it, an L2 table may safely point at anything allocated so far.
+    /// </summary>
+    private void SyncRefcounts()
+    {
+        _hddRefcounts?.WriteBlocks();
+        _refcounts.WriteBlocks();
+        _hdd?.Flush();
+        File.Flush();
+        if (_refcounts.HasDirtyTable || _hddRefcounts?.HasDirtyTable == true)
+        {
+            _hddRefcounts?.WriteTable();
             _refcounts.WriteBack();
             File.Flush();
         }
+        _needSyncBeforeL2 = false;
     }
 
     private void WriteDirtyL1()
@@ -1159,10 +1209,10 @@ internal sealed class QcowCore : IDisposable
     // ---------------------------------------------------------------- map, info, check
 
     /// <summary>The allocation of [offset, offset+length) as runs of one kind with contiguous host offsets.</summary>
-    public List<(long Start, long Length, ClusterKind Kind, long Host)> Map(long offset, long length)
+    public List<(long Start, long Length, ClusterKind Kind, long Host, int Tier)> Map(long offset, long length)
     {
         CheckRange(offset, length);
-        var result = new List<(long, long, ClusterKind, long)>();
+        var result = new List<(long, long, ClusterKind, long, int)>();
         var end = offset + length;
         while (offset < end)
         {
@@ -1174,15 +1224,15 @@ internal sealed class QcowCore : IDisposable
             var host = m.Kind is ClusterKind.Normal or ClusterKind.ZeroAllocated ? m.Host : -1;
             if (result.Count > 0)
             {
-                var (ps, pl, pk, ph) = result[^1];
-                if (pk == m.Kind && (host < 0 && ph < 0 || ph >= 0 && host == ph + pl))
+                var (ps, pl, pk, ph, pt) = result[^1];
+                if (pk == m.Kind && pt == m.Tier && (host < 0 && ph < 0 || ph >= 0 && host == ph + pl))
                 {
-                    result[^1] = (ps, pl + m.Bytes, pk, ph);
+                    result[^1] = (ps, pl + m.Bytes, pk, ph, pt);
                     offset += m.Bytes;
                     continue;
                 }
             }
-            result.Add((offset, m.Bytes, m.Kind, host));
+            result.Add((offset, m.Bytes, m.Kind, host, m.Tier));
             offset += m.Bytes;
         }
         return result;
@@ -1213,15 +1263,41 @@ internal sealed class QcowCore : IDisposable
             if (mode != QcowRepairMode.None && (result.LeaksFixed > 0 || result.CorruptionsFixed > 0))
             {
                 // The checker rewrote refcounts (and maybe the tables) on disk: forget what we cached.
+                RefreshHeader();
                 InitCaches();
+                InitHddRefcounts();
                 _l1 = LoadL1();
                 _dirtyL1.Clear();
+                _tierClusters = null;
             }
             return result;
         }
     }
 
     public long AllocatedBytes => File.AllocatedBytes;
+
+    /// <summary>Re-reads the header fields a repair may have moved (refcount table, L1 table).</summary>
+    private void RefreshHeader()
+    {
+        var probe = new byte[(int)Math.Min(File.Length, 1 << QcowHeader.MaxClusterBits)];
+        File.Read(0, probe);
+        var fresh = QcowHeader.Parse(probe, File.Length, Name);
+        Header.RefcountTableOffset = fresh.RefcountTableOffset;
+        Header.RefcountTableClusters = fresh.RefcountTableClusters;
+        Header.L1TableOffset = fresh.L1TableOffset;
+        Header.L1Size = fresh.L1Size;
+        Header.IncompatibleFeatures = fresh.IncompatibleFeatures;
+        if (_tier is not null)
+        {
+            var ext = fresh.Extensions.FirstOrDefault(e => e.Type == TierExtension.Type);
+            if (ext is not null)
+            {
+                var t = TierExtension.Parse(ext.Data, ext.Offset, Name);
+                _tier.HddRefcountTableOffset = t.HddRefcountTableOffset;
+                _tier.HddRefcountTableClusters = t.HddRefcountTableClusters;
+            }
+        }
+    }
 
     public void Dispose()
     {
@@ -1247,6 +1323,7 @@ internal sealed class QcowCore : IDisposable
         {
             _disposed = true;
             File.Dispose();
+            _hdd?.Dispose();
         }
     }
 }

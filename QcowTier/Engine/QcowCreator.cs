@@ -30,6 +30,10 @@ internal static class QcowCreator
         {
             throw new ArgumentException("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)", nameof(o));
         }
+        if (o.Tier is not null && o.Compat == QcowCompat.V2)
+        {
+            throw new ArgumentException("Tiered images need compatibility level 1.1 (compat=1.1)", nameof(o));
+        }
         if (size < 0 || size > QcowHeader.MaxVirtualSize)
         {
             throw new ArgumentOutOfRangeException(nameof(size), $"image size {size} is out of range");
@@ -69,6 +73,10 @@ internal static class QcowCreator
         var core = QcowCore.Open(file, readOnly: false);
         try
         {
+            if (o.Tier is not null)
+            {
+                core.AttachTier(o.Tier.DataFile, (int)o.Tier.DefaultTier, o.Tier.SsdBudget);
+            }
             if (size > 0)
             {
                 core.Resize(size);
