@@ -61,19 +61,19 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
     }
 
     /// <summary>Opens an image on any storage (tests use a fault-injecting one); the storage is disposed with the image.</summary>
-    internal static QcowImage OpenOn(ImageStorage storage, QcowOpenOptions? options = null)
-        => OpenStorage(storage, options ?? new QcowOpenOptions());
+    internal static QcowImage OpenOn(ImageStorage storage, QcowOpenOptions? options = null, Func<string, bool, bool, ImageStorage>? dataFileFactory = null)
+        => OpenStorage(storage, options ?? new QcowOpenOptions(), dataFileFactory);
 
-    /// <summary>Creates an image on any storage; the storage is disposed with the image.</summary>
-    internal static QcowImage CreateOn(ImageStorage storage, long virtualSize, QcowCreateOptions? options = null)
-        => new(QcowCreator.Create(storage, virtualSize, options ?? new QcowCreateOptions()));
+    /// <summary>Creates an image on any storage; the storage is disposed with the image. The factory opens (path, writable, create) a tier data file.</summary>
+    internal static QcowImage CreateOn(ImageStorage storage, long virtualSize, QcowCreateOptions? options = null, Func<string, bool, bool, ImageStorage>? dataFileFactory = null)
+        => new(QcowCreator.Create(storage, virtualSize, options ?? new QcowCreateOptions(), dataFileFactory));
 
-    private static QcowImage OpenStorage(ImageStorage storage, QcowOpenOptions options)
+    private static QcowImage OpenStorage(ImageStorage storage, QcowOpenOptions options, Func<string, bool, bool, ImageStorage>? dataFileFactory = null)
     {
         try
         {
             return new QcowImage(QcowCore.Open(storage, options.ReadOnly, options.L2CacheSize, options.RefcountCacheSize,
-                tierDataFile: options.TierDataFile, cacheMode: options.CacheMode));
+                tierDataFile: options.TierDataFile, cacheMode: options.CacheMode, dataFileFactory: dataFileFactory));
         }
         catch
         {

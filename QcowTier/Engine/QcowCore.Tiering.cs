@@ -24,6 +24,22 @@ internal sealed partial class QcowCore
 
     public bool IsTiered => _tier is not null;
 
+    /// <summary>Opens (path, writable, create) the HDD data file; tests substitute a fault-injecting storage.</summary>
+    internal Func<string, bool, bool, ImageStorage>? DataFileFactory { get; set; }
+
+    private ImageStorage OpenDataFile(string path, bool writable, bool create, QcowCacheMode cacheMode)
+    {
+        if (DataFileFactory is not null)
+        {
+            return DataFileFactory(path, writable, create);
+        }
+        if (create)
+        {
+            return FileStorage.Open(path, writable: true, create: true);
+        }
+        return cacheMode == QcowCacheMode.None ? DirectFileStorage.Open(path, writable) : FileStorage.Open(path, writable);
+    }
+
     public TierExtension? Tier => _tier;
 
     public string? TierDataPath { get; private set; }
@@ -155,11 +171,11 @@ internal sealed partial class QcowCore
         _tier = TierExtension.Parse(ext.Data, ext.Offset, Name);
         _tierExtData = ext.Offset + 8;
         TierDataPath = dataFileOverride is not null ? Path.GetFullPath(dataFileOverride) : ResolveDataFile(_tier.DataFileName);
-        if (!System.IO.File.Exists(TierDataPath))
+        if (DataFileFactory is null && !System.IO.File.Exists(TierDataPath))
         {
             throw new QcowFormatException($"the tier data file '{TierDataPath}' named by the image does not exist", Name, ext.Offset + 8 + TierExtension.OffsetName, "TIER data file name");
         }
-        _hdd = cacheMode == QcowCacheMode.None ? DirectFileStorage.Open(TierDataPath, !ReadOnly) : FileStorage.Open(TierDataPath, !ReadOnly);
+        _hdd = OpenDataFile(TierDataPath, !ReadOnly, create: false, cacheMode);
         try
         {
             var head = new byte[TierDataFileHeader.Length];
@@ -281,7 +297,7 @@ internal sealed partial class QcowCore
             }
             FlushLocked();
             var uuid = Guid.NewGuid();
-            var hdd = FileStorage.Open(full, writable: true, create: true);
+            var hdd = OpenDataFile(full, writable: true, create: true, QcowCacheMode.Writeback);
             try
             {
                 hdd.Write(0, TierDataFileHeader.Build(uuid, _clusterBits, _clusterSize));

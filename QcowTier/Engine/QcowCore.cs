@@ -95,14 +95,14 @@ internal sealed partial class QcowCore : IDisposable
     internal ulong[] L1 => _l1;
 
     public static QcowCore Open(ImageStorage file, bool readOnly, long l2CacheBytes = 0, long refcountCacheBytes = 0, bool repairIfDirty = true,
-        string? tierDataFile = null, QcowCacheMode cacheMode = QcowCacheMode.Writeback)
+        string? tierDataFile = null, QcowCacheMode cacheMode = QcowCacheMode.Writeback, Func<string, bool, bool, ImageStorage>? dataFileFactory = null)
     {
         var fileLength = file.Length;
         var probe = new byte[(int)Math.Min(fileLength, 1 << QcowHeader.MaxClusterBits)];
         file.Read(0, probe);
         var header = QcowHeader.Parse(probe, fileLength, file.Name);
         CheckFeatures(header, readOnly, file.Name);
-        var core = new QcowCore(file, header, readOnly, l2CacheBytes, refcountCacheBytes);
+        var core = new QcowCore(file, header, readOnly, l2CacheBytes, refcountCacheBytes) { DataFileFactory = dataFileFactory };
         try
         {
             core.LoadTier(tierDataFile, cacheMode);

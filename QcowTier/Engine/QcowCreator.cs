@@ -40,7 +40,7 @@ internal static class QcowCreator
         }
     }
 
-    public static QcowCore Create(ImageStorage file, long size, QcowCreateOptions o)
+    public static QcowCore Create(ImageStorage file, long size, QcowCreateOptions o, Func<string, bool, bool, ImageStorage>? dataFileFactory = null)
     {
         Validate(size, o);
         var cs = o.ClusterSize;
@@ -70,7 +70,7 @@ internal static class QcowCreator
         file.SetLength(0);
         file.Write(0, image);
         file.Flush();
-        var core = QcowCore.Open(file, readOnly: false);
+        var core = QcowCore.Open(file, readOnly: false, dataFileFactory: dataFileFactory);
         try
         {
             if (o.Tier is not null)
