@@ -476,7 +476,7 @@ internal sealed partial class QcowCore : IDisposable
                 m = MapLocked(offset, buffer.Length, stopAtInflight: false);
                 if (m.Kind == ClusterKind.Normal)
                 {
-                    _activeIo++;
+                    Interlocked.Increment(ref _activeIo);
                 }
             }
             var n = (int)m.Bytes;
@@ -521,7 +521,7 @@ internal sealed partial class QcowCore : IDisposable
                 m = MapLocked(offset, buffer.Length, stopAtInflight: false);
                 if (m.Kind == ClusterKind.Normal)
                 {
-                    _activeIo++;
+                    Interlocked.Increment(ref _activeIo);
                 }
             }
             var n = (int)m.Bytes;
@@ -589,8 +589,8 @@ internal sealed partial class QcowCore : IDisposable
         var m = MapLocked(offset, length, stopAtInflight: true);
         if (m.Kind == ClusterKind.Normal && IsCopied(offset))
         {
-            _activeIo++;
-            _activeWrites++;
+            Interlocked.Increment(ref _activeIo);
+            Interlocked.Increment(ref _activeWrites);
             return new WritePlan { Kind = PlanKind.InPlace, Host = m.Host, Bytes = (int)m.Bytes, Tier = m.Tier };
         }
         if (m.Kind == ClusterKind.Compressed)
