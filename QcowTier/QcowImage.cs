@@ -446,6 +446,30 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// The identity heat maps of this image are bound to: the tier UUID of a tiered image, else a UUID
+    /// kept in a header extension of our own (added on a writable version 3 image the first time it is
+    /// asked for; QEMU preserves it).
+    /// </summary>
+    public Guid HeatIdentity => _core.Identity();
+
+    /// <summary>
+    /// Records every guest read and write into a heat map (lock-free), or stops recording when null.
+    /// The map must describe this image.
+    /// </summary>
+    public HeatMap? HeatRecorder
+    {
+        get => _core.Observer as HeatMap;
+        set
+        {
+            if (value is not null && (value.ClusterSize != ClusterSize || value.ImageId != HeatIdentity))
+            {
+                throw new ArgumentException($"the heat map describes image {value.ImageId} with {value.ClusterSize}-byte clusters, not {FileName ?? "this image"} ({HeatIdentity}, {ClusterSize})", nameof(value));
+            }
+            _core.Observer = value;
+        }
+    }
+
     /// <summary>A seekable stream over the virtual disk. Disposing the stream leaves the image open.</summary>
     /// <returns>A new stream positioned at 0.</returns>
     public Stream AsStream() => new QcowStream(this);

@@ -296,7 +296,9 @@ internal sealed partial class QcowCore
                 throw new ArgumentException($"the tier data file must be inside the image's folder {imageDir} (got {full})", nameof(dataFilePath));
             }
             FlushLocked();
-            var uuid = Guid.NewGuid();
+            // Keep a plain image's identity, so heat maps recorded before the attach stay valid.
+            var idExt = Header.Extensions.FirstOrDefault(e => e.Type == IdentityExtension && e.Data.Length >= 16);
+            var uuid = idExt is not null ? new Guid(idExt.Data.AsSpan(0, 16), bigEndian: true) : Guid.NewGuid();
             var hdd = OpenDataFile(full, writable: true, create: true, QcowCacheMode.Writeback);
             try
             {
@@ -476,6 +478,50 @@ internal sealed partial class QcowCore
         File.Flush();
         Header.Extensions.Clear();
         Header.Extensions.AddRange(updated);
+    }
+
+    // ---------------------------------------------------------------- identity
+
+    /// <summary>Header extension "QTID": a 16-byte UUID naming a plain image, so heat maps can be bound to it.</summary>
+    internal const uint IdentityExtension = 0x51544944;
+
+    /// <summary>
+    /// The image's identity: the tier UUID of a tiered image, else the UUID of the QTID extension
+    /// (added on a writable image when first asked), else — read-only and without one — a UUID derived
+    /// from the header's geometry, which is weaker (it changes when the image is resized).
+    /// </summary>
+    public Guid Identity()
+    {
+        lock (_lock)
+        {
+            if (_tier is not null)
+            {
+                return _tier.Uuid;
+            }
+            var ext = Header.Extensions.FirstOrDefault(e => e.Type == IdentityExtension && e.Data.Length >= 16);
+            if (ext is not null)
+            {
+                return new Guid(ext.Data.AsSpan(0, 16), bigEndian: true);
+            }
+            if (!ReadOnly && Header.Version >= 3)
+            {
+                var id = Guid.NewGuid();
+                var data = new byte[16];
+                id.TryWriteBytes(data, bigEndian: true, out _);
+                var list = Header.Extensions.ToList();
+                list.Add(new HeaderExtension(IdentityExtension, data, 0));
+                if (ExtensionsFit(list))
+                {
+                    RewriteExtensions(list);
+                    return id;
+                }
+            }
+            Span<byte> seed = stackalloc byte[24];
+            BinaryPrimitives.WriteInt64BigEndian(seed, Header.Size);
+            BinaryPrimitives.WriteInt64BigEndian(seed[8..], Header.RefcountTableOffset);
+            BinaryPrimitives.WriteInt64BigEndian(seed[16..], ((long)Header.ClusterBits << 32) | Header.Version);
+            return new Guid(System.Security.Cryptography.SHA256.HashData(seed).AsSpan(0, 16));
+        }
     }
 
     // ---------------------------------------------------------------- policy and pins
