@@ -145,10 +145,15 @@ internal sealed partial class QcowCore
         {
             foreach (var edge in (ReadOnlySpan<long>)[start, start + length])
             {
-                var cut = edge & ~(long)(_clusterSize - 1);
-                if (cut > offset && cut < end)
+                // Cut on both sides of an unaligned edge: the cluster holding it is allocated on its own,
+                // so the whole clusters on either side each get their own tier.
+                var down = edge & ~(long)(_clusterSize - 1);
+                foreach (var cut in (ReadOnlySpan<long>)[down, down == edge ? edge : down + _clusterSize])
                 {
-                    end = cut;
+                    if (cut > offset && cut < end)
+                    {
+                        end = cut;
+                    }
                 }
             }
         }
@@ -765,6 +770,8 @@ internal sealed partial class QcowCore
                 }
                 buffer ??= new byte[Math.Max(MoveIoBytes, _clusterSize)];
                 CopyBatch(batch, sourceTier, target, buffer);
+                // Preallocated zero clusters are not copied: make sure the file still covers them.
+                DataFile(target).EnsureLength(dest + ((long)batch.Count << _clusterBits));
                 DataFile(target).Flush();
             }
             catch

@@ -34,6 +34,7 @@ internal sealed partial class QcowCore : IDisposable
     private RefcountManager _refcounts = null!;
     private int _activeIo;
     private int _activeWrites;
+    private int _unsynced; // 1 once any data was written since the last fsync
     private bool _needSyncBeforeL2;
     private bool _dirtyMarked;
     private bool _disposed;
@@ -88,6 +89,7 @@ internal sealed partial class QcowCore : IDisposable
     {
         _l2 = new MetadataCache(_l2CacheTables, WriteBackL2);
         _refcounts = new RefcountManager(File, Header, _refcountCacheBlocks);
+        GuardRefcounts(_refcounts);
     }
 
     internal RefcountManager Refcounts => _refcounts;
@@ -126,15 +128,7 @@ internal sealed partial class QcowCore : IDisposable
         var unknown = h.IncompatibleFeatures & ~known;
         if (unknown != 0)
         {
-            var names = new List<string>();
-            for (var bit = 0; bit < 64; bit++)
-            {
-                if ((unknown & (1UL << bit)) != 0)
-                {
-                    names.Add(h.FeatureName(0, bit) ?? $"Unknown incompatible feature: {1UL << bit:x}");
-                }
-            }
-            ThrowHelper.Unsupported(name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features", "Unsupported qcow2 feature(s): " + string.Join(", ", names));
+            ThrowHelper.Unsupported(name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features", "Unsupported qcow2 feature(s): " + h.DescribeIncompatible(unknown));
         }
         if ((h.IncompatibleFeatures & QcowHeader.IncompatCorrupt) != 0 && !readOnly)
         {
@@ -307,6 +301,7 @@ internal sealed partial class QcowCore : IDisposable
             var table = new byte[_clusterSize];
             _l2.Add(newOff, table, dirty: true);
             _l1[l1Index] = (ulong)newOff | ClusterLayout.Copied;
+            NoteNewL2(newOff);
             _dirtyL1.Add(l1Index);
             _needSyncBeforeL2 = true;
             return (table, newOff);
@@ -319,6 +314,7 @@ internal sealed partial class QcowCore : IDisposable
             var copy = (byte[])data.Clone();
             _l2.Add(newOff, copy, dirty: true);
             _l1[l1Index] = (ulong)newOff | ClusterLayout.Copied;
+            ForgetActiveL2();
             _dirtyL1.Add(l1Index);
             _refcounts.QueueFree(off, 1);
             _needSyncBeforeL2 = true;
@@ -335,6 +331,7 @@ internal sealed partial class QcowCore : IDisposable
         {
             SyncRefcounts();
         }
+        CheckOverlap(offset, table.Length, Meta.ActiveL2);
         File.Write(offset, table);
     }
 
@@ -504,6 +501,7 @@ internal sealed partial class QcowCore : IDisposable
         }
     }
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     public async ValueTask ReadAsync(long offset, Memory<byte> buffer, CancellationToken ct)
     {
         if (_disposed)
@@ -589,6 +587,10 @@ internal sealed partial class QcowCore : IDisposable
         var m = MapLocked(offset, length, stopAtInflight: true);
         if (m.Kind == ClusterKind.Normal && IsCopied(offset))
         {
+            if (m.Tier == Ssd)
+            {
+                CheckOverlap(m.Host, m.Bytes, Meta.None);
+            }
             Interlocked.Increment(ref _activeIo);
             Interlocked.Increment(ref _activeWrites);
             return new WritePlan { Kind = PlanKind.InPlace, Host = m.Host, Bytes = (int)m.Bytes, Tier = m.Tier };
@@ -631,6 +633,10 @@ internal sealed partial class QcowCore : IDisposable
             CountAllocated(plan.Tier, plan.Clusters);
         }
         plan.Bytes = (int)Math.Min(length, ((long)plan.Clusters << _clusterBits) - head);
+        if (plan.Tier == Ssd)
+        {
+            CheckOverlap(plan.Host, (long)plan.Clusters << _clusterBits, Meta.None);
+        }
         plan.Done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         for (var i = 0; i < plan.Clusters; i++)
         {
@@ -718,6 +724,8 @@ internal sealed partial class QcowCore : IDisposable
                     try
                     {
                         DataFile(plan.Tier).Write(plan.Host, data[..plan.Bytes]);
+                        // After the write: a flush that consumed the flag earlier did not cover this write.
+                        Volatile.Write(ref _unsynced, 1);
                     }
                     finally
                     {
@@ -743,6 +751,7 @@ internal sealed partial class QcowCore : IDisposable
         }
     }
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     public async ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken ct)
     {
         CheckWritable();
@@ -765,6 +774,7 @@ internal sealed partial class QcowCore : IDisposable
                     try
                     {
                         await DataFile(plan.Tier).WriteAsync(plan.Host, data[..plan.Bytes], ct).ConfigureAwait(false);
+                        Volatile.Write(ref _unsynced, 1);
                     }
                     finally
                     {
@@ -783,6 +793,10 @@ internal sealed partial class QcowCore : IDisposable
                         else
                         {
                             await DataFile(plan.Tier).WriteAsync(plan.Host + plan.Head, data[..plan.Bytes], CancellationToken.None).ConfigureAwait(false);
+                            if (plan.Fresh)
+                            {
+                                PadFreshTail(plan, plan.Bytes);
+                            }
                         }
                     }
                     catch
@@ -811,7 +825,12 @@ internal sealed partial class QcowCore : IDisposable
             return;
         }
         var total = (long)plan.Clusters << _clusterBits;
-        if (!plan.Fresh)
+        if (plan.Fresh)
+        {
+            file.Write(plan.Host + plan.Head, data);
+            PadFreshTail(plan, data.Length);
+            return;
+        }
         {
             // A reused cluster holds stale bytes: zero what the guest did not write.
             if (plan.Head > 0)
@@ -827,6 +846,25 @@ internal sealed partial class QcowCore : IDisposable
             }
         }
         file.Write(plan.Host + plan.Head, data);
+    }
+
+    /// <summary>
+    /// A fresh run reads as zeroes wherever the guest did not write, except that the file may end
+    /// inside its last cluster: write that tail so the file ends on a cluster boundary, as QEMU's do.
+    /// Writing zeroes (never truncating) is safe against concurrent writers further on.
+    /// </summary>
+    private void PadFreshTail(in WritePlan plan, int dataLength)
+    {
+        var runEnd = plan.Host + ((long)plan.Clusters << _clusterBits);
+        var tailStart = plan.Host + plan.Head + dataLength;
+        if (tailStart < runEnd)
+        {
+            var file = DataFile(plan.Tier);
+            if (file.Length < runEnd)
+            {
+                file.Write(tailStart, _zeroCluster.AsSpan(0, (int)(runEnd - tailStart)));
+            }
+        }
     }
 
     // ---------------------------------------------------------------- discard and zeroes
@@ -941,16 +979,21 @@ internal sealed partial class QcowCore : IDisposable
 
     private void ZeroPartial(long offset, long length)
     {
-        Mapping m;
-        lock (_lock)
+        // The range may span two clusters (an unaligned range with no whole cluster inside): judge each run.
+        while (length > 0)
         {
-            m = MapLocked(offset, length, stopAtInflight: false);
+            Mapping m;
+            lock (_lock)
+            {
+                m = MapLocked(offset, length, stopAtInflight: false);
+            }
+            if (m.Kind is not (ClusterKind.Unallocated or ClusterKind.ZeroPlain or ClusterKind.ZeroAllocated))
+            {
+                WriteZeroBuffer(offset, m.Bytes); // what already reads as zeroes is left alone
+            }
+            offset += m.Bytes;
+            length -= m.Bytes;
         }
-        if (m.Kind is ClusterKind.Unallocated or ClusterKind.ZeroPlain or ClusterKind.ZeroAllocated)
-        {
-            return; // already reads as zeroes
-        }
-        WriteZeroBuffer(offset, length);
     }
 
     private void WriteZeroBuffer(long offset, long length)
@@ -1036,6 +1079,13 @@ internal sealed partial class QcowCore : IDisposable
 
     private void FlushLocked()
     {
+        // Nothing written since the last flush: skip the fsync (and the device cache flush behind it), as QEMU does.
+        var wrote = Interlocked.Exchange(ref _unsynced, 0) != 0;
+        if (!wrote && !_refcounts.HasDirty && _hddRefcounts?.HasDirty != true && _dirtyL1.Count == 0 && !_l2.HasDirty
+            && !_refcounts.HasPendingFrees && _hddRefcounts?.HasPendingFrees != true)
+        {
+            return;
+        }
         SyncRefcounts();
         if (_l2.HasDirty || _dirtyL1.Count > 0)
         {
@@ -1092,6 +1142,7 @@ internal sealed partial class QcowCore : IDisposable
         foreach (var i in dirty)
         {
             BinaryPrimitives.WriteUInt64BigEndian(b, _l1[i]);
+            CheckOverlap(Header.L1TableOffset + i * 8L, 8, Meta.ActiveL1);
             File.Write(Header.L1TableOffset + i * 8L, b);
         }
         _dirtyL1.Clear();
@@ -1152,6 +1203,7 @@ internal sealed partial class QcowCore : IDisposable
         }
         // Order: refcounts of the new table, the table itself, then the header pointing at it.
         _refcounts.WriteBack();
+        CheckOverlap(newOff, raw.Length, Meta.None);
         File.Write(newOff, raw);
         File.Flush();
         Span<byte> hdr = stackalloc byte[12];
@@ -1181,6 +1233,7 @@ internal sealed partial class QcowCore : IDisposable
         {
             var total = QcowHeader.CeilDiv(_size, _clusterSize);
             var perTable = 1L << _l2Bits;
+            long end = 0;
             for (long c = 0; c < total;)
             {
                 var l1Index = (int)(c >> _l2Bits);
@@ -1201,6 +1254,12 @@ internal sealed partial class QcowCore : IDisposable
                 }
                 _l2.MarkDirty(l2Off);
                 c += count;
+                end = Math.Max(end, host + ((long)count << _clusterBits));
+            }
+            // The data stays sparse: extend the file over it without writing (QEMU truncates the same way).
+            if (File.Length < end)
+            {
+                File.SetLength(end);
             }
             FlushLocked();
         }

@@ -23,6 +23,7 @@ internal sealed class RefcountManager
     private readonly int _blockBits; // log2(entries per refcount block)
     private readonly ulong _max;
     private readonly List<long> _table = [];
+    private readonly HashSet<long> _blockOffsets = [];
     private readonly HashSet<int> _dirtyTableEntries = [];
     private readonly MetadataCache _blocks;
     private readonly Dictionary<long, long> _pendingFrees = [];
@@ -54,7 +55,11 @@ internal sealed class RefcountManager
         _order = order;
         _blockBits = _clusterBits + 3 - _order;
         _max = RefcountBlock.MaxValue(_order);
-        _blocks = new MetadataCache(cacheBlocks, (off, data) => _meta.Write(off, data));
+        _blocks = new MetadataCache(cacheBlocks, (off, data) =>
+        {
+            BeforeMetadataWrite?.Invoke(off, data.Length, false);
+            _meta.Write(off, data);
+        });
         _tableOffset = tableOffset;
         _tableClusters = tableClusters;
         LoadTable();
@@ -69,6 +74,22 @@ internal sealed class RefcountManager
         file.Write(QcowHeader.OffsetRefcountTableOffset, hdr);
         header.RefcountTableOffset = offset;
         header.RefcountTableClusters = clusters;
+    }
+
+    /// <summary>Called before a block (isTable false) or the table (true) is written: the engine's overlap check.</summary>
+    public Action<long, long, bool>? BeforeMetadataWrite { get; set; }
+
+    /// <summary>Called with (offset, field, message) when the refcount structures are found damaged: the engine marks the image corrupt and throws.</summary>
+    public Action<long, string, string>? Corruption { get; set; }
+
+    /// <summary>Whether a refcount block lives at this offset of the metadata file.</summary>
+    public bool IsBlock(long offset) => _blockOffsets.Contains(offset);
+
+    [System.Diagnostics.CodeAnalysis.DoesNotReturn]
+    private void Corrupt(long offset, string field, string message)
+    {
+        Corruption?.Invoke(offset, field, message);
+        ThrowHelper.Corrupt(Name, offset, field, message);
     }
 
     public long EntriesPerBlock => 1L << _blockBits;
@@ -93,9 +114,15 @@ internal sealed class RefcountManager
         var raw = new byte[(long)_tableClusters * _clusterSize];
         _meta.Read(_tableOffset, raw);
         _table.Clear();
+        _blockOffsets.Clear();
         for (var i = 0; i < _diskEntries; i++)
         {
-            _table.Add((long)BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8)));
+            var e = (long)BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
+            _table.Add(e);
+            if (e != 0)
+            {
+                _blockOffsets.Add(e);
+            }
         }
         _freeHint = 0;
     }
@@ -131,11 +158,11 @@ internal sealed class RefcountManager
         }
         if ((off & (_clusterSize - 1)) != 0 || off < 0)
         {
-            ThrowHelper.Corrupt(Name, _tableOffset + blockIndex * 8, "refcount table entry", $"refcount block offset 0x{off:x} (refcount table index {blockIndex}) is not aligned to the cluster size");
+            Corrupt(_tableOffset + blockIndex * 8, "refcount table entry", $"refcount block offset 0x{off:x} (refcount table index {blockIndex}) is not aligned to the cluster size");
         }
         if (off > _meta.Length - _clusterSize)
         {
-            ThrowHelper.Corrupt(Name, _tableOffset + blockIndex * 8, "refcount table entry", $"refcount block offset 0x{off:x} (refcount table index {blockIndex}) lies beyond the end of the file");
+            Corrupt(_tableOffset + blockIndex * 8, "refcount table entry", $"refcount block offset 0x{off:x} (refcount table index {blockIndex}) lies beyond the end of the file");
         }
         var data = new byte[_clusterSize];
         _meta.Read(off, data);
@@ -148,7 +175,7 @@ internal sealed class RefcountManager
     {
         if (blockIndex == 0 && _parent is null)
         {
-            ThrowHelper.Corrupt(Name, _tableOffset, "refcount table entry", "refcount table entry 0 is empty: the header cluster has no refcount block");
+            Corrupt(_tableOffset, "refcount table entry", "refcount table entry 0 is empty: the header cluster has no refcount block");
         }
         if ((blockIndex + 1) * 8 > QcowHeader.MaxRefcountTableBytes)
         {
@@ -161,19 +188,11 @@ internal sealed class RefcountManager
             _table.Add(0);
         }
         _table[(int)blockIndex] = off;
+        _blockOffsets.Add(off);
         _dirtyTableEntries.Add((int)blockIndex);
         return data;
     }
 
-    private void EnsureFileCovers(long end)
-    {
-        if (_counted.Length < end)
-        {
-            // Extending under the metadata lock, before any data is written to the new clusters,
-            // means the file only ever grows and a new cluster reads as zeroes until written.
-            _counted.SetLength(end);
-        }
-    }
 
     public ulong Get(long cluster)
     {
@@ -184,8 +203,11 @@ internal sealed class RefcountManager
     public void Update(long cluster, long delta)
     {
         var blockIndex = cluster >> _blockBits;
-        var block = GetBlock(blockIndex)
-            ?? ThrowHelper.Corrupt<byte[]>(Name, -1, "refcount", $"cluster 0x{cluster << _clusterBits:x} has no refcount block");
+        var block = GetBlock(blockIndex);
+        if (block is null)
+        {
+            Corrupt(-1, "refcount", $"cluster 0x{cluster << _clusterBits:x} has no refcount block");
+        }
         var idx = (int)(cluster & (EntriesPerBlock - 1));
         var cur = RefcountBlock.Get(block, idx, _order);
         ulong next;
@@ -201,7 +223,7 @@ internal sealed class RefcountManager
         {
             if ((ulong)(-delta) > cur)
             {
-                ThrowHelper.Corrupt(Name, _table[(int)blockIndex] + idx, "refcount", $"refcount of cluster 0x{cluster << _clusterBits:x} would drop below zero");
+                Corrupt(_table[(int)blockIndex] + idx, "refcount", $"refcount of cluster 0x{cluster << _clusterBits:x} would drop below zero");
             }
             next = cur - (ulong)(-delta);
         }
@@ -257,7 +279,8 @@ internal sealed class RefcountManager
             {
                 _freeHint = end;
             }
-            EnsureFileCovers(end << _clusterBits);
+            // No ftruncate here: the data write extends the file (the engine pads a partial last cluster),
+            // metadata tables extend it when they are written, and until then the range reads as zeroes.
             return off;
         }
     }
@@ -356,6 +379,7 @@ internal sealed class RefcountManager
             foreach (var i in sorted)
             {
                 BinaryPrimitives.WriteUInt64BigEndian(e, (ulong)_table[i]);
+                BeforeMetadataWrite?.Invoke(_tableOffset + (long)i * 8, 8, true);
                 _meta.Write(_tableOffset + (long)i * 8, e);
             }
             _dirtyTableEntries.Clear();
@@ -391,6 +415,7 @@ internal sealed class RefcountManager
                     _parent.WriteBlocks();
                     _parent.WriteTable();
                 }
+                BeforeMetadataWrite?.Invoke(off, raw.Length, true);
                 _meta.Write(off, raw);
                 _meta.Flush();
                 var oldOff = _tableOffset;

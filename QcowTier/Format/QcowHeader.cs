@@ -102,6 +102,33 @@ internal sealed class QcowHeader
         return null;
     }
 
+    /// <summary>
+    /// Names the incompatible features in <paramref name="mask"/> exactly as QEMU's report_unsupported_feature
+    /// does: the feature name table's entries in table order (up to the first unnamed entry), then whatever
+    /// bits remain as one "Unknown incompatible feature: &lt;hex mask&gt;".
+    /// </summary>
+    public string DescribeIncompatible(ulong mask)
+    {
+        var parts = new List<string>();
+        var table = Extensions.FirstOrDefault(e => e.Type == HeaderExtension.FeatureNameTable)?.Data ?? [];
+        for (var i = 0; i + 48 <= table.Length && table[i + 2] != 0; i += 48)
+        {
+            if (table[i] != 0 || table[i + 1] >= 64 || (mask & (1UL << table[i + 1])) == 0)
+            {
+                continue;
+            }
+            var name = table.AsSpan(i + 2, 46);
+            var len = name.IndexOf((byte)0);
+            parts.Add(Encoding.UTF8.GetString(len < 0 ? name : name[..len]));
+            mask &= ~(1UL << table[i + 1]);
+        }
+        if (mask != 0)
+        {
+            parts.Add($"Unknown incompatible feature: {mask:x}");
+        }
+        return string.Join(", ", parts);
+    }
+
     /// <summary>Parses and validates the header and its extensions from the first cluster of the file.</summary>
     /// <param name="buf">At least the first 64 KiB of the file, or the whole file when smaller.</param>
     /// <param name="fileLength">The length of the file, to bound every offset.</param>
@@ -167,9 +194,9 @@ internal sealed class QcowHeader
             }
             h.RefcountOrder = (int)order;
             var hlen = BinaryPrimitives.ReadUInt32BigEndian(buf[OffsetHeaderLength..]);
-            if (hlen < V3MinLength || hlen > h.ClusterSize)
+            if (hlen < V3MinLength || hlen > h.ClusterSize || hlen % 8 != 0)
             {
-                ThrowHelper.Corrupt(file, OffsetHeaderLength, "header_length", $"header_length {hlen} is invalid (must be at least 104 and within the first cluster)");
+                ThrowHelper.Corrupt(file, OffsetHeaderLength, "header_length", $"header_length {hlen} is invalid (must be a multiple of 8, at least 104 and within the first cluster)");
             }
             h.HeaderLength = (int)hlen;
             if (hlen > OffsetCompressionType)
@@ -217,16 +244,15 @@ internal sealed class QcowHeader
             }
             if (len > end - pos - 8)
             {
-                ThrowHelper.Corrupt(null, pos + 4, "header extension length", $"header extension 0x{type:x8} claims {len} bytes, beyond the end of the header cluster");
+                ThrowHelper.Corrupt(file, pos + 4, "header extension length", $"header extension 0x{type:x8} claims {len} bytes, beyond the end of the header cluster");
             }
             if (++seen > 1024)
             {
-                ThrowHelper.Corrupt(null, pos, "header extensions", "more than 1024 header extensions");
+                ThrowHelper.Corrupt(file, pos, "header extensions", "more than 1024 header extensions");
             }
             Extensions.Add(new HeaderExtension(type, buf.Slice((int)pos + 8, (int)len).ToArray(), pos));
             pos += 8 + ((len + 7) & ~7u);
         }
-        _ = file;
     }
 
     private void ValidateLayout(long fileLength, string? file)

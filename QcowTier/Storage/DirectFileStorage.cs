@@ -93,6 +93,8 @@ internal sealed unsafe class DirectFileStorage : ImageStorage
 
     public override void PunchHole(long offset, long length) => _inner.PunchHole(offset, length);
 
+    public override void EnsureLength(long end) => _inner.EnsureLength(end);
+
     public override long AllocatedBytes => _inner.AllocatedBytes;
 
     protected override void Dispose(bool disposing)

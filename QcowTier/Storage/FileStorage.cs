@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using Microsoft.Win32.SafeHandles;
 
@@ -53,6 +54,8 @@ internal sealed class FileStorage : ImageStorage
         }
     }
 
+    // Pooled builders: RandomAccess never completes synchronously here, so each await would allocate a box.
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     public override async ValueTask ReadAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken)
     {
         var done = 0;
@@ -74,6 +77,7 @@ internal sealed class FileStorage : ImageStorage
         UpdateLength(offset + data.Length);
     }
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     public override async ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
     {
         await RandomAccess.WriteAsync(_handle, data, offset, cancellationToken).ConfigureAwait(false);
@@ -106,6 +110,21 @@ internal sealed class FileStorage : ImageStorage
     {
         RandomAccess.SetLength(_handle, length);
         Volatile.Write(ref _length, length);
+    }
+
+    public override void EnsureLength(long end)
+    {
+        if (Length >= end)
+        {
+            return;
+        }
+        // fallocate with mode 0 only ever extends, so a concurrent writer past `end` is never cut off.
+        if (OperatingSystem.IsLinux() && NativeMethods.Extend(_handle, end))
+        {
+            UpdateLength(end);
+            return;
+        }
+        base.EnsureLength(end);
     }
 
     public override void PunchHole(long offset, long length)

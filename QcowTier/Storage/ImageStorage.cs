@@ -7,6 +7,8 @@ namespace QcowTier.Storage;
 /// </summary>
 internal abstract class ImageStorage : IDisposable
 {
+    private readonly object _extendGate = new();
+
     /// <summary>The file's name for messages, or null.</summary>
     public abstract string? Name { get; }
 
@@ -50,6 +52,18 @@ internal abstract class ImageStorage : IDisposable
         {
             var n = (int)Math.Min(zero.Length, length - done);
             Write(offset + done, zero.AsSpan(0, n));
+        }
+    }
+
+    /// <summary>Grows the storage to at least <paramref name="end"/> bytes; never shrinks it, even racing with writers.</summary>
+    public virtual void EnsureLength(long end)
+    {
+        lock (_extendGate)
+        {
+            if (Length < end)
+            {
+                SetLength(end);
+            }
         }
     }
 

@@ -43,6 +43,13 @@ internal static partial class NativeMethods
         return new SafeFileHandle(fd, ownsHandle: true);
     }
 
+    /// <summary>Extends the file to <paramref name="end"/> (allocating the new tail) without ever shrinking it.</summary>
+    public static bool Extend(SafeFileHandle fd, long end)
+    {
+        var length = RandomAccess.GetLength(fd);
+        return end <= length || Fallocate(fd, 0, length, end - length) == 0;
+    }
+
     public static bool PunchHole(SafeFileHandle fd, long offset, long length)
         => Fallocate(fd, FallocFlPunchHole | FallocFlKeepSize, offset, length) == 0;
 
