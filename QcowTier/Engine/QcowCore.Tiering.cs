@@ -21,6 +21,7 @@ internal sealed partial class QcowCore
     private long _tierExtData = -1; // file offset of the TIER extension's data
     private List<(long Start, long Length, int Tier)> _pins = [];
     private long[]? _tierClusters; // allocated data clusters per tier, counted on first need
+    private readonly long[] _tierInflight = new long[2]; // clusters allocated (and counted) whose L2 entries are not installed yet
 
     public bool IsTiered => _tier is not null;
 
@@ -71,6 +72,23 @@ internal sealed partial class QcowCore
         CountAllocated(tier, -1);
     }
 
+    /// <summary>Counts a new allocation whose L2 entries are installed later (lock held).</summary>
+    private void CountInflight(int tier, long clusters)
+    {
+        CountAllocated(tier, clusters);
+        _tierInflight[tier] += clusters;
+    }
+
+    /// <summary>Ends an in-flight allocation: its entries were installed (already counted) or it was undone.</summary>
+    private void EndInflight(int tier, long clusters, bool installed)
+    {
+        _tierInflight[tier] -= clusters;
+        if (!installed)
+        {
+            CountAllocated(tier, -clusters);
+        }
+    }
+
     private void CountAllocated(int tier, long clusters)
     {
         if (_tierClusters is not null)
@@ -104,6 +122,9 @@ internal sealed partial class QcowCore
                 }
             }
         }
+        // The walk cannot see allocations still in flight, which were counted when they were made.
+        counts[Ssd] += _tierInflight[Ssd];
+        counts[Hdd] += _tierInflight[Hdd];
         _tierClusters = counts;
         return counts;
     }
@@ -740,7 +761,7 @@ internal sealed partial class QcowCore
                     }
                     // Targets are allocated contiguously, so a demoted batch lands sequentially on HDD.
                     dest = Allocator(target).Allocate(batch.Count, out _);
-                    CountAllocated(target, batch.Count);
+                    CountInflight(target, batch.Count);
                 }
                 else if (wait is null)
                 {
@@ -779,7 +800,7 @@ internal sealed partial class QcowCore
                 lock (_lock)
                 {
                     Allocator(target).FreeNow(dest, batch.Count);
-                    CountAllocated(target, -batch.Count);
+                    EndInflight(target, batch.Count, installed: false);
                     foreach (var b in batch)
                     {
                         _inflight.Remove(b.Guest);
@@ -801,6 +822,7 @@ internal sealed partial class QcowCore
                     _l2.MarkDirty(l2Off);
                     _inflight.Remove(b.Guest);
                 }
+                EndInflight(target, batch.Count, installed: true);
                 done!.SetResult();
                 FlushLocked();
             }

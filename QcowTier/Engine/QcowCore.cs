@@ -630,7 +630,7 @@ internal sealed partial class QcowCore : IDisposable
         }
         if (!plan.Reused)
         {
-            CountAllocated(plan.Tier, plan.Clusters);
+            CountInflight(plan.Tier, plan.Clusters);
         }
         plan.Bytes = (int)Math.Min(length, ((long)plan.Clusters << _clusterBits) - head);
         if (plan.Tier == Ssd)
@@ -677,6 +677,10 @@ internal sealed partial class QcowCore : IDisposable
             }
             _l2.MarkDirty(l2Off);
             _needSyncBeforeL2 = true;
+            if (!plan.Reused)
+            {
+                EndInflight(plan.Tier, plan.Clusters, installed: true);
+            }
             ReleaseInflight(plan);
         }
     }
@@ -688,7 +692,7 @@ internal sealed partial class QcowCore : IDisposable
             if (!plan.Reused)
             {
                 Allocator(plan.Tier).FreeNow(plan.Host, plan.Clusters);
-                CountAllocated(plan.Tier, -plan.Clusters);
+                EndInflight(plan.Tier, plan.Clusters, installed: false);
             }
             ReleaseInflight(plan);
         }
@@ -1097,7 +1101,7 @@ internal sealed partial class QcowCore : IDisposable
             }
             File.Flush();
         }
-        if (_refcounts.HasPendingFrees)
+        if (_refcounts.HasPendingFrees || _hddRefcounts?.HasPendingFrees == true)
         {
             // Every data I/O that looked a freed cluster up must be done before it can be reused.
             var spin = new SpinWait();
@@ -1318,7 +1322,7 @@ internal sealed partial class QcowCore : IDisposable
             {
                 FlushLocked();
             }
-            var result = QcowChecker.Run(File, Header, mode);
+            var result = QcowChecker.Run(File, Header, mode, _hdd);
             if (mode != QcowRepairMode.None && (result.LeaksFixed > 0 || result.CorruptionsFixed > 0))
             {
                 // The checker rewrote refcounts (and maybe the tables) on disk: forget what we cached.
