@@ -17,10 +17,13 @@ public readonly record struct HeatUnit(long Start, long Length, long Reads, long
 /// first touch; untouched regions cost nothing, touched units two bytes each.
 /// </summary>
 /// <remarks>
-/// Counts are operations, not bytes: an I/O adds one to every unit it touches. Above 63 a count is kept
-/// to about 10 % (a logarithmic counter incremented with the right probability, so it stays unbiased).
-/// Exact operation and byte totals are kept per region of 4096 units and for the whole map.
-/// Decay multiplies every count by 2^(-elapsed / half-life) when <see cref="DecayTo"/> is called.
+/// Counts are operations, not bytes: an I/O adds one to every unit it touches. Up to 63 a count is exact;
+/// above, it is a logarithmic counter incremented with the right probability: unbiased, but a single
+/// unit's count scatters by about 20 % (one standard deviation), which ranking tolerates and the
+/// rebalancer's hysteresis absorbs. Exact operation and byte totals are kept per region of 4096 units
+/// and for the whole map. Decay multiplies every count by 2^(-elapsed / half-life) when
+/// <see cref="DecayTo"/> is called. Recording is thread-safe; <see cref="Merge"/>, <see cref="DecayTo"/>
+/// and loading are not, and must not run while the map is recording.
 /// </remarks>
 public sealed class HeatMap : Engine.IIoObserver
 {
