@@ -560,11 +560,20 @@ internal sealed partial class QcowCore
         lock (_lock)
         {
             var flags = defaultTier == Hdd ? _tier!.Flags | TierExtension.FlagDefaultHdd : _tier!.Flags & ~TierExtension.FlagDefaultHdd;
-            Span<byte> b = stackalloc byte[8];
-            BinaryPrimitives.WriteUInt32BigEndian(b, flags);
-            File.Write(_tierExtData + TierExtension.OffsetFlags, b[..4]);
-            BinaryPrimitives.WriteUInt64BigEndian(b, (ulong)ssdBudget);
-            File.Write(_tierExtData + TierExtension.OffsetSsdBudget, b);
+            // Flags and budget change together: rewrite the fixed part from the flags to the budget in
+            // one small write (the fields between keep their current values), so a cut cannot mix policies.
+            var next = new TierExtension
+            {
+                Flags = flags,
+                Uuid = _tier.Uuid,
+                HddRefcountTableOffset = _tier.HddRefcountTableOffset,
+                HddRefcountTableClusters = _tier.HddRefcountTableClusters,
+                HintsCount = _tier.HintsCount,
+                HintsOffset = _tier.HintsOffset,
+                SsdBudget = ssdBudget,
+                DataFileName = _tier.DataFileName,
+            }.Serialize();
+            File.Write(_tierExtData + TierExtension.OffsetFlags, next.AsSpan(TierExtension.OffsetFlags, TierExtension.OffsetNameLength - TierExtension.OffsetFlags));
             File.Flush();
             _tier.Flags = flags;
             _tier.SsdBudget = ssdBudget;
