@@ -1,0 +1,21 @@
+namespace QcowTier.Cli.Disks;
+
+/// <summary>One run of bdrv_block_status: what qemu-img map prints for it, and what convert and compare may skip.</summary>
+/// <param name="Start">First guest byte.</param>
+/// <param name="Length">Bytes.</param>
+/// <param name="Present">Allocated in this image (BDRV_BLOCK_ALLOCATED).</param>
+/// <param name="Zero">Known to read as zeroes (BDRV_BLOCK_ZERO).</param>
+/// <param name="Data">Backed by data in the file (BDRV_BLOCK_DATA).</param>
+/// <param name="Offset">Where the run's first byte lives in the file, when it has a place.</param>
+internal readonly record struct BlockStatus(long Start, long Length, bool Present, bool Zero, bool Data, long? Offset)
+{
+    public long End => Start + Length;
+
+    /// <summary>qemu-img's entry_mergeable: same flags and, when placed, contiguous in the file.</summary>
+    public bool CanMerge(in BlockStatus next)
+        => Length > 0 && Zero == next.Zero && Data == next.Data && Present == next.Present
+           && Offset.HasValue == next.Offset.HasValue
+           && (!Offset.HasValue || Offset.Value + Length == next.Offset!.Value);
+
+    public BlockStatus Extend(long bytes) => this with { Length = Length + bytes };
+}

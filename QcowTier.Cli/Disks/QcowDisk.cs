@@ -1,0 +1,176 @@
+using Microsoft.Win32.SafeHandles;
+using QcowTier.Cli.Infrastructure;
+
+namespace QcowTier.Cli.Disks;
+
+/// <summary>A qcow2 image through the library, with QEMU's block-status rules layered on its map.</summary>
+internal sealed class QcowDisk : Disk
+{
+    private readonly SafeFileHandle _probe;
+    private bool? _metadataPreallocated;
+
+    public QcowDisk(string path, bool writable, CacheMode cache) : base(path, cache)
+    {
+        var options = new QcowOpenOptions
+        {
+            ReadOnly = !writable,
+            CacheMode = cache.Direct ? QcowCacheMode.None : QcowCacheMode.Writeback,
+        };
+        // cache=unsafe: the library flushes (fsyncs) on its own schedule and when closed; a stream
+        // whose flush does not reach the disk is how it is told not to.
+        Image = cache.NoFlush && writable && !cache.Direct
+            ? QcowImage.Open(new UnsyncedFileStream(path), options)
+            : QcowImage.Open(path, options);
+        try
+        {
+            _probe = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+        }
+        catch
+        {
+            Image.Dispose();
+            throw;
+        }
+    }
+
+    public QcowImage Image { get; }
+
+    public override string Format => "qcow2";
+
+    public override long Size => Image.Size;
+
+    public override long AllocatedBytes => NativeFile.AllocatedBytes(_probe);
+
+    public override void Read(long offset, Span<byte> buffer) => Image.Read(offset, buffer);
+
+    public override ValueTask ReadAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken = default)
+        => Image.ReadAsync(offset, buffer, cancellationToken);
+
+    protected override void WriteCore(long offset, ReadOnlySpan<byte> data) => Image.Write(offset, data);
+
+    protected override ValueTask WriteCoreAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
+        => Image.WriteAsync(offset, data, cancellationToken);
+
+    public override void WriteZeroes(long offset, long length, bool mayUnmap)
+    {
+        Image.WriteZeroes(offset, length, mayUnmap);
+        if (Cache.WriteThrough)
+        {
+            Flush();
+        }
+    }
+
+    public override void Discard(long offset, long length) => Image.Discard(offset, length);
+
+    protected override void FlushCore() => Image.Flush();
+
+    protected override ValueTask FlushCoreAsync() => Image.FlushAsync();
+
+    public override void Resize(long newSize) => Image.Resize(newSize);
+
+    public override IEnumerable<BlockStatus> GetStatus(long offset, long length)
+    {
+        if (length <= 0)
+        {
+            yield break;
+        }
+        // QEMU reports at most one L2 table's worth per query; compare -s sees where runs end (EOF).
+        var tableSpan = (long)Image.ClusterSize * (Image.ClusterSize / 8);
+        foreach (var whole in Image.GetMap(offset, length))
+        {
+            for (var start = whole.Start; start < whole.Start + whole.Length;)
+            {
+                var end = Math.Min(whole.Start + whole.Length, (start / tableSpan + 1) * tableSpan);
+                var piece = whole with { Start = start, Length = end - start, HostOffset = whole.HostOffset + (start - whole.Start) };
+                foreach (var s in Classify(piece))
+                {
+                    yield return s;
+                }
+                start = end;
+            }
+        }
+    }
+
+    private IEnumerable<BlockStatus> Classify(QcowExtent e)
+    {
+        switch (e.Kind)
+        {
+            case QcowExtentKind.Unallocated:
+                yield return new BlockStatus(e.Start, e.Length, Present: false, Zero: true, Data: false, Offset: null);
+                break;
+            case QcowExtentKind.Zero:
+                yield return new BlockStatus(e.Start, e.Length, Present: true, Zero: true, Data: false, Offset: e.HostOffset);
+                break;
+            case QcowExtentKind.Compressed:
+                yield return new BlockStatus(e.Start, e.Length, Present: true, Zero: false, Data: true, Offset: null);
+                break;
+            default:
+                if (e.HostOffset is { } host && IsMetadataPreallocated())
+                {
+                    foreach (var s in RecurseIntoFile(e.Start, e.Length, host))
+                    {
+                        yield return s;
+                    }
+                }
+                else
+                {
+                    yield return new BlockStatus(e.Start, e.Length, Present: true, Zero: false, Data: true, Offset: e.HostOffset);
+                }
+                break;
+        }
+    }
+
+    /// <summary>
+    /// QEMU asks the file about data clusters of metadata-preallocated images only (BDRV_BLOCK_RECURSE):
+    /// clusters over holes of the file then count as zero, and runs split where the file's extents do.
+    /// </summary>
+    private IEnumerable<BlockStatus> RecurseIntoFile(long start, long length, long host)
+    {
+        var fileLength = RandomAccess.GetLength(_probe);
+        for (long pos = 0; pos < length;)
+        {
+            var h = host + pos;
+            var remaining = length - pos;
+            if (h >= fileLength)
+            {
+                // Past the end of the file: reads as zeroes.
+                yield return new BlockStatus(start + pos, remaining, true, true, true, h);
+                yield break;
+            }
+            var bytes = Math.Min(remaining, fileLength - h);
+            var found = NativeFile.FindAllocation(_probe, h, fileLength);
+            if (found is null)
+            {
+                yield return new BlockStatus(start + pos, bytes, true, false, true, h);
+                pos += bytes;
+                continue;
+            }
+            var n = Math.Min(bytes, found.Value.End - h);
+            if (!found.Value.Data && h + n == fileLength)
+            {
+                // A hole running to the end of the file: the whole run reads as zeroes.
+                yield return new BlockStatus(start + pos, remaining, true, true, true, h);
+                yield break;
+            }
+            yield return new BlockStatus(start + pos, n, true, !found.Value.Data, true, h);
+            pos += n;
+        }
+    }
+
+    private bool IsMetadataPreallocated()
+        => _metadataPreallocated ??= MetadataPreallocationProbe.Detect(_probe, AllocatedBytes);
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            try
+            {
+                Image.Dispose();
+            }
+            finally
+            {
+                _probe.Dispose();
+            }
+        }
+    }
+}
