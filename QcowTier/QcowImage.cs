@@ -261,7 +261,8 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
         }
         var runs = _core.Map(offset, length);
         var result = new List<QcowExtent>(runs.Count);
-        foreach (var (start, len, kind, host, _) in runs)
+        var tiered = _core.IsTiered;
+        foreach (var (start, len, kind, host, tier) in runs)
         {
             var k = kind switch
             {
@@ -270,7 +271,10 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
                 ClusterKind.ZeroPlain or ClusterKind.ZeroAllocated => QcowExtentKind.Zero,
                 _ => QcowExtentKind.Unallocated,
             };
-            result.Add(new QcowExtent(start, len, k, host >= 0 ? host : null));
+            result.Add(new QcowExtent(start, len, k, host >= 0 ? host : null)
+            {
+                Tier = tiered && (host >= 0 || kind == ClusterKind.Compressed) ? (StorageTier)tier : null,
+            });
         }
         return result;
     }

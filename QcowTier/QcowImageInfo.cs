@@ -64,7 +64,11 @@ public enum QcowExtentKind
 /// <param name="Length">Length in bytes.</param>
 /// <param name="Kind">What backs the run.</param>
 /// <param name="HostOffset">Offset of the first byte in the image file, or null.</param>
-public readonly record struct QcowExtent(long Start, long Length, QcowExtentKind Kind, long? HostOffset);
+public readonly record struct QcowExtent(long Start, long Length, QcowExtentKind Kind, long? HostOffset)
+{
+    /// <summary>For tiered images: the tier holding an allocated run (data or preallocated zeroes); otherwise null.</summary>
+    public StorageTier? Tier { get; init; }
+}
 
 /// <summary>The outcome of <see cref="QcowImage.Check"/>, with qemu-img check's fields.</summary>
 public sealed class QcowCheckResult

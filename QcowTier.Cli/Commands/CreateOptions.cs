@@ -38,6 +38,9 @@ internal sealed class CreateOptions
         new("refcount_bits", Kind.Number, "16", "Width of a reference count entry in bits"),
         new("nocow", Kind.Bool, null, "Turn off copy-on-write (valid only on btrfs)"),
         new("extent_size_hint", Kind.Size, null, "Extent size hint for the image file, 0 to disable"),
+        new("tier_data_file", Kind.Text, null, "QcowTier: HDD data file of a tiered image (relative to the image's folder)"),
+        new("tier_default", Kind.Text, null, "QcowTier: tier of new clusters, ssd or hdd (default ssd)"),
+        new("ssd_budget", Kind.Size, null, "QcowTier: bytes of data the SSD tier takes before new clusters go to HDD"),
     ];
 
     private static readonly Spec[] RawSpecs =
@@ -229,6 +232,29 @@ internal sealed class CreateOptions
         {
             throw new CliException("The image size is too large for file format 'qcow2' (try using a larger cluster size)");
         }
+        QcowTierOptions? tier = null;
+        if (Text("tier_data_file") is { Length: > 0 } dataFile)
+        {
+            if (compat == QcowCompat.V2)
+            {
+                throw new CliException("Tiered images need compatibility level 1.1 (compat=1.1)");
+            }
+            tier = new QcowTierOptions
+            {
+                DataFile = dataFile,
+                DefaultTier = Text("tier_default") switch
+                {
+                    null or "ssd" => StorageTier.Ssd,
+                    "hdd" => StorageTier.Hdd,
+                    var other => throw new CliException($"Parameter 'tier_default' does not accept value '{other}' (ssd or hdd)"),
+                },
+                SsdBudget = (long)(Number("ssd_budget") ?? 0),
+            };
+        }
+        else if (IsSet("tier_default") || IsSet("ssd_budget"))
+        {
+            throw new CliException("tier_default and ssd_budget need tier_data_file");
+        }
         return new QcowCreateOptions
         {
             ClusterSize = (int)clusterSize,
@@ -236,6 +262,7 @@ internal sealed class CreateOptions
             Compat = compat,
             LazyRefcounts = lazy,
             Preallocation = prealloc,
+            Tier = tier,
         };
     }
 

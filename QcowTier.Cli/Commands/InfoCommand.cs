@@ -78,6 +78,17 @@ internal sealed class InfoCommand : Command
                 data.Add("extended-l2", qi.ExtendedL2);
             }
             data.Add("compression-type", qi.CompressionType);
+            if ((disk as QcowDisk)?.Image is { IsTiered: true } tiered)
+            {
+                // Beside QEMU's fields: the tiered layout's file, policy, bytes per tier and pins.
+                var usage = tiered.GetTierUsage();
+                data.Add("tier-data-file", tiered.TierDataFile ?? "");
+                data.Add("tier-default", tiered.DefaultTier == StorageTier.Ssd ? "ssd" : "hdd");
+                data.Add("ssd-budget", tiered.SsdBudget);
+                data.Add("ssd-bytes", usage.SsdBytes);
+                data.Add("hdd-bytes", usage.HddBytes);
+                data.Add("tier-pins", string.Join(", ", tiered.GetTierPins().Select(p => $"[{p.Start}, +{p.Length}) {(p.Tier == StorageTier.Ssd ? "ssd" : "hdd")}")));
+            }
             d.Add("format-specific", new QDict().Add("type", "qcow2").Add("data", data));
         }
         d.Add("dirty-flag", qi?.Dirty ?? false);

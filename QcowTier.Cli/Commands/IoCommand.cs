@@ -35,10 +35,6 @@ internal sealed class IoCommand : Command
         {
             return PrintHelp(ctx);
         }
-        if (o.Has("record-heat"))
-        {
-            throw new CliException("--record-heat is not implemented yet");
-        }
         var cache = o.Has("n") ? new CacheMode(true, false) : CacheMode.Parse(o.Get("t"), $"Invalid cache option: {o.Get("t")}");
         if (o.Operands.Count != 1)
         {
@@ -58,6 +54,20 @@ internal sealed class IoCommand : Command
         var failed = false;
         using (disk)
         {
+            HeatMap? heat = null;
+            var heatPath = o.Get("record-heat");
+            if (heatPath is not null)
+            {
+                if (disk is not QcowDisk qd)
+                {
+                    throw new CliException("--record-heat needs a qcow2 image");
+                }
+                // Adds to an existing map of this image (refusing one of another image), or starts one.
+                heat = File.Exists(heatPath)
+                    ? HeatMap.Load(heatPath, qd.Image.HeatIdentity)
+                    : new HeatMap(qd.Image.Size, qd.Image.ClusterSize, imageId: qd.Image.HeatIdentity);
+                qd.Image.HeatRecorder = heat;
+            }
             var shell = new QemuIoShell(disk, readOnly, ctx.Out, ctx.Err);
             var commands = o.GetAll("c").ToList();
             if (commands.Count > 0)
@@ -76,6 +86,11 @@ internal sealed class IoCommand : Command
                 }
             }
             ctx.Out.Flush();
+            if (heat is not null)
+            {
+                ((QcowDisk)disk).Image.HeatRecorder = null;
+                heat.Save(heatPath!);
+            }
         }
         return failed ? 1 : 0;
     }

@@ -102,6 +102,11 @@ internal sealed class MapCommand : Command
         {
             sb.Append(", \"offset\": ").Append(off);
         }
+        if (e.Tier is { } tier)
+        {
+            // Beside qemu-img's fields: which file the offset is in.
+            sb.Append(", \"tier\": \"").Append(tier == StorageTier.Ssd ? "ssd" : "hdd").Append('"');
+        }
         sb.Append('}');
         if (!last)
         {

@@ -7,14 +7,15 @@ namespace QcowTier.Cli.Disks;
 /// <param name="Zero">Known to read as zeroes (BDRV_BLOCK_ZERO).</param>
 /// <param name="Data">Backed by data in the file (BDRV_BLOCK_DATA).</param>
 /// <param name="Offset">Where the run's first byte lives in the file, when it has a place.</param>
-internal readonly record struct BlockStatus(long Start, long Length, bool Present, bool Zero, bool Data, long? Offset)
+/// <param name="Tier">For tiered images, the tier holding the run (its offset is in that tier's file).</param>
+internal readonly record struct BlockStatus(long Start, long Length, bool Present, bool Zero, bool Data, long? Offset, StorageTier? Tier = null)
 {
     public long End => Start + Length;
 
     /// <summary>qemu-img's entry_mergeable: same flags and, when placed, contiguous in the file.</summary>
     public bool CanMerge(in BlockStatus next)
         => Length > 0 && Zero == next.Zero && Data == next.Data && Present == next.Present
-           && Offset.HasValue == next.Offset.HasValue
+           && Offset.HasValue == next.Offset.HasValue && Tier == next.Tier
            && (!Offset.HasValue || Offset.Value + Length == next.Offset!.Value);
 
     public BlockStatus Extend(long bytes) => this with { Length = Length + bytes };

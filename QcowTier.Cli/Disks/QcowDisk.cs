@@ -98,10 +98,10 @@ internal sealed class QcowDisk : Disk
                 yield return new BlockStatus(e.Start, e.Length, Present: false, Zero: true, Data: false, Offset: null);
                 break;
             case QcowExtentKind.Zero:
-                yield return new BlockStatus(e.Start, e.Length, Present: true, Zero: true, Data: false, Offset: e.HostOffset);
+                yield return new BlockStatus(e.Start, e.Length, Present: true, Zero: true, Data: false, Offset: e.HostOffset, e.Tier);
                 break;
             case QcowExtentKind.Compressed:
-                yield return new BlockStatus(e.Start, e.Length, Present: true, Zero: false, Data: true, Offset: null);
+                yield return new BlockStatus(e.Start, e.Length, Present: true, Zero: false, Data: true, Offset: null, e.Tier);
                 break;
             default:
                 if (e.HostOffset is { } host && IsMetadataPreallocated())
@@ -113,7 +113,7 @@ internal sealed class QcowDisk : Disk
                 }
                 else
                 {
-                    yield return new BlockStatus(e.Start, e.Length, Present: true, Zero: false, Data: true, Offset: e.HostOffset);
+                    yield return new BlockStatus(e.Start, e.Length, Present: true, Zero: false, Data: true, Offset: e.HostOffset, e.Tier);
                 }
                 break;
         }

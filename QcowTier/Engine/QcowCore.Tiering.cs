@@ -154,6 +154,17 @@ internal sealed partial class QcowCore
         return Ssd;
     }
 
+    /// <summary>Clusters the SSD budget still has room for at an unpinned offset whose default tier is SSD, else 0.</summary>
+    private long SsdRoom(long guestOffset)
+    {
+        if (_tier is null || _tier.SsdBudget <= 0 || (_tier.Flags & TierExtension.FlagDefaultHdd) != 0
+            || _pins.Any(p => guestOffset >= p.Start && guestOffset - p.Start < p.Length))
+        {
+            return 0;
+        }
+        return Math.Max(0, _tier.SsdBudget / _clusterSize - TierCounts()[Ssd]);
+    }
+
     /// <summary>Keeps one allocation from straddling a pin boundary, so each cluster lands on its pinned tier.</summary>
     private long ClipToPins(long offset, long bytes)
     {

@@ -24,6 +24,8 @@ internal sealed partial class QcowCore : IDisposable
 {
     private readonly object _lock = new();
     private readonly Dictionary<long, TaskCompletionSource> _inflight = [];
+    private readonly SemaphoreSlim _checkGate = new(1, 1);
+    private TaskCompletionSource? _quiesce; // set while a check waits for in-flight allocations: new writes wait for it
     private readonly HashSet<int> _dirtyL1 = [];
     private readonly int _clusterBits;
     private readonly int _clusterSize;
@@ -579,6 +581,10 @@ internal sealed partial class QcowCore : IDisposable
 
     private WritePlan PlanWrite(long offset, int length)
     {
+        if (_quiesce is not null)
+        {
+            return new WritePlan { Kind = PlanKind.Wait, WaitFor = _quiesce.Task };
+        }
         var guestCluster = offset >> _clusterBits;
         if (_inflight.TryGetValue(guestCluster, out var pending))
         {
@@ -626,6 +632,12 @@ internal sealed partial class QcowCore : IDisposable
             var bytes = ClipToPins(offset, m.Bytes);
             plan.Clusters = (int)((head + bytes + _clusterSize - 1) >> _clusterBits);
             plan.Tier = ChooseTier(offset, plan.Clusters);
+            if (plan.Tier == Hdd && SsdRoom(offset) is var room and > 0 && room < plan.Clusters)
+            {
+                // A write that would overflow the SSD budget fills what is left of it; the rest spills to HDD.
+                plan.Tier = Ssd;
+                plan.Clusters = (int)room;
+            }
             plan.Host = Allocator(plan.Tier).Allocate(plan.Clusters, out plan.Fresh);
         }
         if (!plan.Reused)
@@ -1168,6 +1180,11 @@ internal sealed partial class QcowCore : IDisposable
         {
             throw new ArgumentOutOfRangeException(nameof(newSize), $"size {newSize} is out of range");
         }
+        if (newSize % QcowHeader.SectorSize != 0)
+        {
+            // QEMU sees whole sectors only (and refuses such a truncate the same way).
+            throw new ArgumentException($"The new size must be a multiple of {QcowHeader.SectorSize} (requested {newSize})", nameof(newSize));
+        }
         lock (_lock)
         {
             if (newSize < _size)
@@ -1314,7 +1331,47 @@ internal sealed partial class QcowCore : IDisposable
         return CheckCore(mode);
     }
 
+    /// <summary>
+    /// Runs the checker on a quiet image: new writes wait, and the allocations already in flight (counted
+    /// but not yet linked into their L2 table) land first, so they are neither reported as leaks nor freed
+    /// under their writer by a leak repair.
+    /// </summary>
     private QcowCheckResult CheckCore(QcowRepairMode mode)
+    {
+        _checkGate.Wait();
+        var gate = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        try
+        {
+            lock (_lock)
+            {
+                _quiesce = gate;
+            }
+            while (true)
+            {
+                Task? landing;
+                lock (_lock)
+                {
+                    landing = _inflight.Count == 0 ? null : _inflight.Values.First().Task;
+                    if (landing is null)
+                    {
+                        return CheckQuiet(mode);
+                    }
+                }
+                landing.GetAwaiter().GetResult();
+            }
+        }
+        finally
+        {
+            lock (_lock)
+            {
+                _quiesce = null;
+            }
+            gate.SetResult();
+            _checkGate.Release();
+        }
+    }
+
+    private QcowCheckResult CheckQuiet(QcowRepairMode mode)
     {
         lock (_lock)
         {
