@@ -62,6 +62,8 @@ internal static class Cli
             ctx.Error($"Command not found: {verb}");
             return 1;
         }
+        // qemu-img's -U (--force-share) on any verb: skip the image locks QEMU and we take.
+        Disks.DiskOpener.ForceShare = args.Skip(1).Any(a => a is "-U" or "--force-share");
         try
         {
             return command.Run(args.Skip(1).ToList(), ctx);

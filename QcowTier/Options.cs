@@ -62,6 +62,13 @@ public sealed class QcowOpenOptions
     public bool LeaveOpen { get; init; }
 
     /// <summary>
+    /// Skip QEMU's image locks (qemu-img -U, force-share). By default a path open takes QEMU-compatible
+    /// locks, so an image a VM or qemu-img is writing is refused ("Failed to get shared "write" lock"),
+    /// and a writer here keeps them away.
+    /// </summary>
+    public bool ForceShare { get; init; }
+
+    /// <summary>
     /// For tiered images: the HDD data file to use instead of the one the image names (required when
     /// the image is opened from a stream or handle). It must still carry the image's UUID.
     /// </summary>

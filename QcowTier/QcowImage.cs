@@ -35,6 +35,18 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
         ImageStorage storage = options.CacheMode == QcowCacheMode.None
             ? DirectFileStorage.Open(path, !options.ReadOnly)
             : FileStorage.Open(path, !options.ReadOnly);
+        if (!options.ForceShare)
+        {
+            try
+            {
+                storage.Lock(!options.ReadOnly);
+            }
+            catch
+            {
+                storage.Dispose();
+                throw;
+            }
+        }
         return OpenStorage(storage, options);
     }
 

@@ -5,6 +5,15 @@ namespace QcowTier.Cli.Disks;
 /// <summary>Opens an image as qemu-img does: the format from -f, else from the magic number (never the name).</summary>
 internal static class DiskOpener
 {
+    private static readonly AsyncLocal<bool> ForceShareFlag = new();
+
+    /// <summary>-U / --force-share for the verb being run: open without QEMU's image locks.</summary>
+    public static bool ForceShare
+    {
+        get => ForceShareFlag.Value;
+        set => ForceShareFlag.Value = value;
+    }
+
     public static Disk Open(string path, string? format, bool writable, CacheMode cache = default)
     {
         var fmt = format ?? Probe(path);

@@ -15,6 +15,7 @@ internal sealed class QcowDisk : Disk
         {
             ReadOnly = !writable,
             CacheMode = cache.Direct ? QcowCacheMode.None : QcowCacheMode.Writeback,
+            ForceShare = DiskOpener.ForceShare,
         };
         // cache=unsafe: the library flushes (fsyncs) on its own schedule and when closed; a stream
         // whose flush does not reach the disk is how it is told not to.

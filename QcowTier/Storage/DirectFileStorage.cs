@@ -6,14 +6,16 @@ namespace QcowTier.Storage;
 /// <summary>
 /// cache=none: a file opened with O_DIRECT. Every request is done through an aligned bounce
 /// buffer when the caller's buffer, offset or length is not aligned; unaligned writes
-/// read-modify-write whole sectors under a striped lock so that two writers sharing a sector
-/// cannot undo each other.
+/// read-modify-write their partial head and tail blocks. Striped reader-writer locks keep a
+/// read-modify-write from writing stale bytes over a concurrent write: a block being
+/// read-modify-written is held exclusively, every other block a write covers is held shared.
 /// </summary>
 internal sealed unsafe class DirectFileStorage : ImageStorage
 {
     private const int Alignment = 4096;
     private readonly FileStorage _inner;
-    private readonly object[] _stripes = Enumerable.Range(0, 64).Select(_ => new object()).ToArray();
+    private const int StripeCount = 64;
+    private readonly ReaderWriterLockSlim[] _stripes = Enumerable.Range(0, StripeCount).Select(_ => new ReaderWriterLockSlim()).ToArray();
 
     private DirectFileStorage(FileStorage inner) => _inner = inner;
 
@@ -53,38 +55,95 @@ internal sealed unsafe class DirectFileStorage : ImageStorage
         bounce.Span.Slice((int)(offset - start), buffer.Length).CopyTo(buffer);
     }
 
+    private static int Stripe(long blockOffset) => (int)((ulong)(blockOffset / Alignment) % StripeCount);
+
     public override void Write(long offset, ReadOnlySpan<byte> data)
+    {
+        if (data.IsEmpty)
+        {
+            return;
+        }
+        var start = offset & ~(long)(Alignment - 1);
+        var end = (offset + data.Length + Alignment - 1) & ~(long)(Alignment - 1);
+        var headPartial = offset != start;
+        var tailPartial = offset + data.Length != end;
+        // 1: shared (the block is only overwritten), 2: exclusive (it is read-modify-written).
+        Span<byte> mode = stackalloc byte[StripeCount];
+        var blocks = (end - start) / Alignment;
+        if (blocks >= StripeCount)
+        {
+            mode.Fill(1);
+        }
+        else
+        {
+            for (var b = 0L; b < blocks; b++)
+            {
+                mode[Stripe(start + b * Alignment)] = 1;
+            }
+        }
+        if (headPartial)
+        {
+            mode[Stripe(start)] = 2;
+        }
+        if (tailPartial)
+        {
+            mode[Stripe(end - Alignment)] = 2;
+        }
+        // Always in ascending stripe order, so two writers cannot deadlock.
+        var taken = 0;
+        try
+        {
+            for (; taken < StripeCount; taken++)
+            {
+                if (mode[taken] == 1)
+                {
+                    _stripes[taken].EnterReadLock();
+                }
+                else if (mode[taken] == 2)
+                {
+                    _stripes[taken].EnterWriteLock();
+                }
+            }
+            WriteLocked(offset, data, start, end, headPartial, tailPartial);
+        }
+        finally
+        {
+            while (--taken >= 0)
+            {
+                if (mode[taken] == 1)
+                {
+                    _stripes[taken].ExitReadLock();
+                }
+                else if (mode[taken] == 2)
+                {
+                    _stripes[taken].ExitWriteLock();
+                }
+            }
+        }
+    }
+
+    private void WriteLocked(long offset, ReadOnlySpan<byte> data, long start, long end, bool headPartial, bool tailPartial)
     {
         if (IsAligned(offset, data.Length, data))
         {
             _inner.Write(offset, data);
             return;
         }
-        var start = offset & ~(long)(Alignment - 1);
-        var end = (offset + data.Length + Alignment - 1) & ~(long)(Alignment - 1);
         using var bounce = new AlignedBuffer(checked((int)(end - start)));
-        // Lock the stripes of the head and the tail sector (in index order, so two writers cannot deadlock).
-        var a = (int)((ulong)(start / Alignment) % (ulong)_stripes.Length);
-        var b = (int)((ulong)((end - Alignment) / Alignment) % (ulong)_stripes.Length);
-        lock (_stripes[Math.Min(a, b)])
-        lock (_stripes[Math.Max(a, b)])
+        var length = _inner.Length;
+        var tailStart = end - Alignment;
+        // Only the partial head and tail blocks need their old bytes.
+        if (headPartial && start < length)
         {
-            var length = _inner.Length;
-            var headPartial = offset != start;
-            var tailStart = end - Alignment;
-            // Only the partial head and tail sectors need their old bytes.
-            if (headPartial && start < length)
-            {
-                _inner.Read(start, bounce.Span[..Alignment]);
-            }
-            if (offset + data.Length != end && tailStart < length && !(headPartial && tailStart == start))
-            {
-                _inner.Read(tailStart, bounce.Span[^Alignment..]);
-            }
-            data.CopyTo(bounce.Span[(int)(offset - start)..]);
-            // The file may end up padded to the next 4 KiB: harmless, qcow2 never reads meaning into the tail.
-            _inner.Write(start, bounce.Span);
+            _inner.Read(start, bounce.Span[..Alignment]);
         }
+        if (tailPartial && tailStart < length && !(headPartial && tailStart == start))
+        {
+            _inner.Read(tailStart, bounce.Span[^Alignment..]);
+        }
+        data.CopyTo(bounce.Span[(int)(offset - start)..]);
+        // The file may end up padded to the next 4 KiB: harmless, qcow2 never reads meaning into the tail.
+        _inner.Write(start, bounce.Span);
     }
 
     public override void Flush() => _inner.Flush();
@@ -95,6 +154,8 @@ internal sealed unsafe class DirectFileStorage : ImageStorage
 
     public override void EnsureLength(long end) => _inner.EnsureLength(end);
 
+    public override void Lock(bool writable) => _inner.Lock(writable);
+
     public override long AllocatedBytes => _inner.AllocatedBytes;
 
     protected override void Dispose(bool disposing)
@@ -102,6 +163,10 @@ internal sealed unsafe class DirectFileStorage : ImageStorage
         if (disposing)
         {
             _inner.Dispose();
+            foreach (var stripe in _stripes)
+            {
+                stripe.Dispose();
+            }
         }
     }
 

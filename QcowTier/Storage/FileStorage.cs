@@ -108,9 +108,19 @@ internal sealed class FileStorage : ImageStorage
 
     public override void SetLength(long length)
     {
-        RandomAccess.SetLength(_handle, length);
+        try
+        {
+            RandomAccess.SetLength(_handle, length);
+        }
+        catch (ArgumentOutOfRangeException e)
+        {
+            // EFBIG: an I/O failure of this file (as QEMU reports "File too large"), not a caller's mistake.
+            throw new IOException($"{Name ?? "image"}: cannot set the file length to {length} bytes: {e.Message}", e);
+        }
         Volatile.Write(ref _length, length);
     }
+
+    public override void Lock(bool writable) => ImageLock.Acquire(_handle, writable, Name);
 
     public override void EnsureLength(long end)
     {

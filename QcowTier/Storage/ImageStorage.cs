@@ -67,6 +67,11 @@ internal abstract class ImageStorage : IDisposable
         }
     }
 
+    /// <summary>Takes QEMU-compatible image locks (file storages only).</summary>
+    public virtual void Lock(bool writable)
+    {
+    }
+
     /// <summary>Bytes actually allocated on the host, or -1 when unknown.</summary>
     public virtual long AllocatedBytes => -1;
 
