@@ -59,20 +59,40 @@ internal static partial class ImageLock
         {
             Set(fd, FRdLck, SharedBase + u);
         }
+        // A conflict may be our own just-closed descriptor, still shared with a child process between
+        // its fork and its exec (which closes it): look again for a short while before refusing.
+        for (var attempt = 0; ; attempt++)
+        {
+            var conflict = Conflict(fd, perms, unshared, path);
+            if (conflict is null)
+            {
+                return;
+            }
+            if (attempt == 40)
+            {
+                throw new QcowException(conflict);
+            }
+            Thread.Sleep(10);
+        }
+    }
+
+    private static string? Conflict(SafeFileHandle fd, int[] perms, int[] unshared, string? path)
+    {
         foreach (var p in perms)
         {
             if (HeldByOthers(fd, SharedBase + p))
             {
-                throw new QcowException($"Failed to get \"{PermNames[p]}\" lock\nIs another process using the image [{path}]?");
+                return $"Failed to get \"{PermNames[p]}\" lock\nIs another process using the image [{path}]?";
             }
         }
         foreach (var u in unshared)
         {
             if (HeldByOthers(fd, PermBase + u))
             {
-                throw new QcowException($"Failed to get shared \"{PermNames[u]}\" lock\nIs another process using the image [{path}]?");
+                return $"Failed to get shared \"{PermNames[u]}\" lock\nIs another process using the image [{path}]?";
             }
         }
+        return null;
     }
 
     private static unsafe bool Set(SafeFileHandle fd, short type, long offset)
