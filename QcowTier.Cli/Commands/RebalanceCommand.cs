@@ -22,6 +22,7 @@ internal sealed class RebalanceCommand : Command
           --hysteresis F      promote only when F times hotter than the resident it displaces (default 1.5)
           --read-weight W, --write-weight W   weights of reads and writes in the heat score
           --output=json       the plan (and result) as JSON
+          --picture PREFIX    heat strips with each cluster's tier: PREFIX-N-before.png (and -after.png on apply)
           -p                  progress bar (apply)
 
         """;
@@ -38,7 +39,7 @@ internal sealed class RebalanceCommand : Command
             throw new CliException($"Unknown rebalance command '{sub}' (plan or apply)");
         }
         var o = new OptionParser("p", ("heat", true), ("ssd-budget", true), ("max-move", true), ("throttle", true), ("shared", false),
-            ("output", true), ("hysteresis", true), ("read-weight", true), ("write-weight", true)).Parse(args.Skip(1).ToList());
+            ("output", true), ("hysteresis", true), ("read-weight", true), ("write-weight", true), ("picture", true)).Parse(args.Skip(1).ToList());
         if (o.WantsHelp)
         {
             return PrintHelp(ctx);
@@ -93,6 +94,8 @@ internal sealed class RebalanceCommand : Command
                 inputs.Add(new RebalanceInput(images[i], heat));
             }
             var plan = Rebalancer.Plan(inputs, policy);
+            var picture = o.Get("picture");
+            Pictures(picture, "before", inputs);
             RebalanceResult? result = null;
             if (apply)
             {
@@ -113,6 +116,7 @@ internal sealed class RebalanceCommand : Command
                     Console.CancelKeyPress -= onCancel;
                 }
                 bar.Finish();
+                Pictures(picture, "after", inputs);
             }
             if (json)
             {
@@ -138,6 +142,19 @@ internal sealed class RebalanceCommand : Command
             {
                 img.Dispose();
             }
+        }
+    }
+
+    private static void Pictures(string? prefix, string when, List<RebalanceInput> inputs)
+    {
+        if (prefix is null)
+        {
+            return;
+        }
+        for (var i = 0; i < inputs.Count; i++)
+        {
+            using var fs = new FileStream($"{prefix}-{i}-{when}.png", FileMode.Create, FileAccess.Write);
+            HeatRender.WriteHeatStrip(fs, inputs[i].Heat, inputs[i].Image);
         }
     }
 

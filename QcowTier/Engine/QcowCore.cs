@@ -1121,12 +1121,38 @@ internal sealed partial class QcowCore : IDisposable
             {
                 spin.SpinOnce();
             }
-            _refcounts.ApplyPendingFrees();
-            _hddRefcounts?.ApplyPendingFrees();
+            var freedSsd = _refcounts.ApplyPendingFrees();
+            var freedHdd = _hddRefcounts?.ApplyPendingFrees();
+            // Give the space back to the file system (as QEMU does with discard=unmap): demotions
+            // must shrink what the SSD holds, not just what the image counts.
+            Reclaim(File, freedSsd);
+            if (freedHdd is not null)
+            {
+                Reclaim(_hdd!, freedHdd);
+            }
             _hddRefcounts?.WriteBlocks();
             _refcounts.WriteBack();
             _hddRefcounts?.WriteTable();
             File.Flush();
+        }
+    }
+
+    private void Reclaim(ImageStorage file, List<long> clusters)
+    {
+        for (var i = 0; i < clusters.Count;)
+        {
+            var j = i + 1;
+            while (j < clusters.Count && clusters[j] == clusters[j - 1] + 1)
+            {
+                j++;
+            }
+            var offset = clusters[i] << _clusterBits;
+            var length = (long)(j - i) << _clusterBits;
+            if (offset < file.Length)
+            {
+                file.Reclaim(offset, Math.Min(length, file.Length - offset));
+            }
+            i = j;
         }
     }
 

@@ -334,17 +334,25 @@ internal sealed class RefcountManager
         }
     }
 
-    public void ApplyPendingFrees()
+    /// <summary>Applies the queued decrements; returns the clusters that became free (sorted), for space reclaim.</summary>
+    public List<long> ApplyPendingFrees()
     {
+        var freed = new List<long>();
         if (_pendingFrees.Count == 0)
         {
-            return;
+            return freed;
         }
         foreach (var (cluster, n) in _pendingFrees)
         {
             Update(cluster, -n);
+            if (Get(cluster) == 0)
+            {
+                freed.Add(cluster);
+            }
         }
         _pendingFrees.Clear();
+        freed.Sort();
+        return freed;
     }
 
     /// <summary>Writes every dirty refcount block (always safe: blocks only ever hold increments or durable decrements).</summary>

@@ -156,6 +156,8 @@ internal sealed unsafe class DirectFileStorage : ImageStorage
 
     public override void Lock(bool writable) => _inner.Lock(writable);
 
+    public override void Reclaim(long offset, long length) => _inner.Reclaim(offset, length);
+
     public override long AllocatedBytes => _inner.AllocatedBytes;
 
     protected override void Dispose(bool disposing)

@@ -73,14 +73,32 @@ internal sealed class FileStorage : ImageStorage
 
     public override void Write(long offset, ReadOnlySpan<byte> data)
     {
-        RandomAccess.Write(_handle, data, offset);
+        try
+        {
+            RandomAccess.Write(_handle, data, offset);
+        }
+        catch (ArgumentOutOfRangeException e) when (offset >= 0)
+        {
+            throw TooLarge(offset + data.Length, e);
+        }
         UpdateLength(offset + data.Length);
     }
+
+    /// <summary>.NET reports EFBIG as ArgumentOutOfRangeException; it is an I/O failure of this file ("File too large", says QEMU).</summary>
+    private IOException TooLarge(long end, ArgumentOutOfRangeException e)
+        => new($"{Name ?? "image"}: the file cannot grow to {end} bytes: {e.Message}", e);
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     public override async ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
     {
-        await RandomAccess.WriteAsync(_handle, data, offset, cancellationToken).ConfigureAwait(false);
+        try
+        {
+            await RandomAccess.WriteAsync(_handle, data, offset, cancellationToken).ConfigureAwait(false);
+        }
+        catch (ArgumentOutOfRangeException e) when (offset >= 0)
+        {
+            throw TooLarge(offset + data.Length, e);
+        }
         UpdateLength(offset + data.Length);
     }
 
@@ -112,15 +130,22 @@ internal sealed class FileStorage : ImageStorage
         {
             RandomAccess.SetLength(_handle, length);
         }
-        catch (ArgumentOutOfRangeException e)
+        catch (ArgumentOutOfRangeException e) when (length >= 0)
         {
-            // EFBIG: an I/O failure of this file (as QEMU reports "File too large"), not a caller's mistake.
-            throw new IOException($"{Name ?? "image"}: cannot set the file length to {length} bytes: {e.Message}", e);
+            throw TooLarge(length, e);
         }
         Volatile.Write(ref _length, length);
     }
 
     public override void Lock(bool writable) => ImageLock.Acquire(_handle, writable, Name);
+
+    public override void Reclaim(long offset, long length)
+    {
+        if (OperatingSystem.IsLinux() && _writable)
+        {
+            NativeMethods.PunchHole(_handle, offset, length);
+        }
+    }
 
     public override void EnsureLength(long end)
     {

@@ -67,6 +67,11 @@ internal abstract class ImageStorage : IDisposable
         }
     }
 
+    /// <summary>Returns freed bytes to the host file system where it can (a hole); elsewhere does nothing.</summary>
+    public virtual void Reclaim(long offset, long length)
+    {
+    }
+
     /// <summary>Takes QEMU-compatible image locks (file storages only).</summary>
     public virtual void Lock(bool writable)
     {
