@@ -15,6 +15,7 @@ namespace QcowTier.Benchmarks;
 /// in-process (<c>--inProcess</c>): BDN's out-of-process toolchain rebuilds the library into the shared
 /// source tree's bin/obj, which collides with other builds running in the same tree.</item>
 /// <item><c>--ab</c>: the interleaved A/B runner (<see cref="AbRunner"/>) instead of BenchmarkDotNet.</item>
+/// <item>With <c>--smoke</c>, QCOWTIER_BENCH_SMOKE=1 shrinks the tiering benchmarks (see TierSizes).</item>
 /// <item><c>--size-mb N</c>: fixture size (same as QCOWTIER_BENCH_SIZE_MB; default 256).</item>
 /// </list>
 /// </summary>
@@ -30,6 +31,11 @@ public static class Program
         {
             Environment.SetEnvironmentVariable("QCOWTIER_BENCH_SIZE_MB", list[sizeAt + 1]);
             list.RemoveRange(sizeAt, 2);
+        }
+        if (smoke)
+        {
+            // Tiering benchmarks: 8 MiB moves, 1/100 of the plan's clusters (see TierSizes).
+            Environment.SetEnvironmentVariable("QCOWTIER_BENCH_SMOKE", "1");
         }
         if (smoke && string.IsNullOrEmpty(Environment.GetEnvironmentVariable("QCOWTIER_BENCH_SIZE_MB")))
         {

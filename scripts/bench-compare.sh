@@ -66,7 +66,8 @@ if [[ -z "${QCOWTIER:-}" ]]; then
         tail -30 "$ARTIFACTS.build.log" >&2
         die "dotnet build of QcowTier.Cli failed (log: $ARTIFACTS.build.log)"
     fi
-    QCOWTIER=$(find "$ARTIFACTS/bin/QcowTier.Cli" -type f -name qcowtier -perm -u+x 2>/dev/null | grep -i release | head -1 || true)
+    # The project's AssemblyName is QcowTier.Cli, so the apphost is named that (not "qcowtier").
+    QCOWTIER=$(find "$ARTIFACTS/bin/QcowTier.Cli" -type f \( -name qcowtier -o -name QcowTier.Cli \) -perm -u+x 2>/dev/null | grep -i release | head -1 || true)
     [[ -n "$QCOWTIER" ]] || die "built, but no qcowtier executable under $ARTIFACTS/bin/QcowTier.Cli"
 fi
 [[ -x "$QCOWTIER" ]] || die "QCOWTIER=$QCOWTIER is not executable"
