@@ -15,10 +15,11 @@ public sealed class RebalancerTests : IDisposable
     private const int Cluster = 65536;
 
     /// <summary>A tiered image with every cluster written (all on HDD) and the model of its content.</summary>
-    private (QcowImage Image, byte[] Model) Filled(string name, StorageTier defaultTier = StorageTier.Hdd, long size = Size)
+    private (QcowImage Image, byte[] Model) Filled(string name, StorageTier defaultTier = StorageTier.Hdd, long size = Size, int clusterSize = Cluster)
     {
         var image = QcowImage.Create(_dir.File(name + ".qcow2"), size, new QcowCreateOptions
         {
+            ClusterSize = clusterSize,
             Tier = new QcowTierOptions { DataFile = name + ".hdd", DefaultTier = defaultTier },
         });
         var model = new byte[size];
@@ -202,17 +203,18 @@ public sealed class RebalancerTests : IDisposable
     [Fact]
     public void Cancelling_an_apply_leaves_a_consistent_image_and_planning_again_resumes()
     {
-        var (image, model) = Filled("i");
+        // Small clusters, so the plan takes several batches of 1024 clusters and can stop between them.
+        var (image, model) = Filled("i", clusterSize: 4096);
         using (image)
         {
-            var heat = Skewed(image);
+            var heat = Skewed(image, ops: 200_000);
             var policy = new RebalancePolicy { SsdBudgetPercent = 20 };
             var plan = Rebalancer.Plan([new RebalanceInput(image, heat)], policy);
-            plan.Moves.Count.Should().BeGreaterThan(1);
+            plan.BytesToSsd.Should().BeGreaterThan(2048L * 4096);
             using var cts = new CancellationTokenSource();
             var progress = new SyncProgress(p =>
             {
-                if (p.MovesDone >= 1)
+                if (p.BytesDone > 0)
                 {
                     cts.Cancel();
                 }

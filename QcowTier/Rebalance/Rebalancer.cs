@@ -391,34 +391,42 @@ public static class Rebalancer
         var total = plan.Moves.Sum(m => m.Bytes);
         long done = 0;
         var applied = 0;
-        foreach (var move in plan.Moves)
+        // One batched move per image and direction, demotions first (they make room): a scattered plan
+        // then shares each copy-flush-flip-flush cycle across up to 1024 clusters.
+        var groups = plan.Moves.GroupBy(m => (m.To, m.Image)).OrderBy(g => g.Key.To == StorageTier.Ssd).ThenBy(g => g.Key.Image);
+        foreach (var group in groups)
         {
             if (cancellationToken.IsCancellationRequested)
             {
                 return new RebalanceResult(applied, done, sw.Elapsed, true);
             }
             var baseDone = done;
-            var inner = progress is null ? null : new InlineProgress<long>(b => progress.Report(new RebalanceProgress(applied, plan.Moves.Count, baseDone + b, total)));
+            var moves = group.ToList();
+            var inner = new InlineProgress<long>(b =>
+            {
+                progress?.Report(new RebalanceProgress(applied, plan.Moves.Count, baseDone + b, total));
+                if (plan.ThrottleBytesPerSecond is { } rate && rate > 0)
+                {
+                    // Throttle between batches: wait until the average rate is back under the cap.
+                    var ahead = (baseDone + b) / rate - sw.Elapsed.TotalSeconds;
+                    if (ahead > 0)
+                    {
+                        cancellationToken.WaitHandle.WaitOne(TimeSpan.FromSeconds(Math.Min(ahead, 3600)));
+                    }
+                }
+            });
             try
             {
-                var r = images[move.Image].MoveToTier(move.Start, move.Length, move.To, inner, cancellationToken);
-                done += r.BytesMoved;
+                var (_, bytes) = images[group.Key.Image].Core.MoveRangesToTier(
+                    moves.Select(m => (m.Start, m.Length)).ToList(), (int)group.Key.To, inner, cancellationToken);
+                done += bytes;
             }
             catch (OperationCanceledException)
             {
                 return new RebalanceResult(applied, done, sw.Elapsed, true);
             }
-            applied++;
+            applied += moves.Count;
             progress?.Report(new RebalanceProgress(applied, plan.Moves.Count, done, total));
-            if (plan.ThrottleBytesPerSecond is { } rate && rate > 0)
-            {
-                // Throttle between moves: sleep until the average rate is back under the cap.
-                var ahead = done / rate - sw.Elapsed.TotalSeconds;
-                if (ahead > 0)
-                {
-                    cancellationToken.WaitHandle.WaitOne(TimeSpan.FromSeconds(Math.Min(ahead, 3600)));
-                }
-            }
         }
         return new RebalanceResult(applied, done, sw.Elapsed, false);
     }
