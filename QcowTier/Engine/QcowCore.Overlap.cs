@@ -24,6 +24,7 @@ internal sealed partial class QcowCore
 
     private HashSet<long>? _activeL2;   // host offsets of the L2 tables the L1 table points to
     private ulong[]? _activeL2Source;   // the L1 array _activeL2 was built from
+    private bool _activeL2Dropped;      // an L1 entry moved off a table that the L1 on disk still points to
 
     private HashSet<long> ActiveL2Tables()
     {

@@ -166,11 +166,11 @@ internal sealed partial class QcowCore : IDisposable
         {
             return l1;
         }
-        var raw = new byte[n * 8];
-        File.Read(Header.L1TableOffset, raw);
-        for (var i = 0; i < n; i++)
+        // Straight into the table (up to QEMU's 32 MiB), then to host order: no second buffer of that size.
+        File.Read(Header.L1TableOffset, System.Runtime.InteropServices.MemoryMarshal.AsBytes(l1.AsSpan()));
+        if (BitConverter.IsLittleEndian)
         {
-            l1[i] = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
+            BinaryPrimitives.ReverseEndianness(l1, l1);
         }
         return l1;
     }
@@ -315,8 +315,11 @@ internal sealed partial class QcowCore : IDisposable
             var newOff = _refcounts.Allocate(1, out _);
             var copy = (byte[])data.Clone();
             _l2.Add(newOff, copy, dirty: true);
+            // The old table stays active for the overlap check until the L1 entry dropping it is on disk.
+            _ = ActiveL2Tables();
             _l1[l1Index] = (ulong)newOff | ClusterLayout.Copied;
-            ForgetActiveL2();
+            NoteNewL2(newOff);
+            _activeL2Dropped = true;
             _dirtyL1.Add(l1Index);
             _refcounts.QueueFree(off, 1);
             _needSyncBeforeL2 = true;
@@ -1188,6 +1191,11 @@ internal sealed partial class QcowCore : IDisposable
             File.Write(Header.L1TableOffset + i * 8L, b);
         }
         _dirtyL1.Clear();
+        if (_activeL2Dropped)
+        {
+            ForgetActiveL2(); // tables the L1 no longer points to stop being active L2 tables
+            _activeL2Dropped = false;
+        }
     }
 
     public ValueTask FlushAsync(CancellationToken ct)

@@ -43,6 +43,9 @@ internal static class QcowCreator
     public static QcowCore Create(ImageStorage file, long size, QcowCreateOptions o, Func<string, bool, bool, ImageStorage>? dataFileFactory = null)
     {
         Validate(size, o);
+        // As qemu-img create: QEMU addresses whole 512-byte sectors (it reads the size as size / 512 sectors),
+        // so a size in bytes is rounded up rather than leaving a tail QEMU cannot see.
+        size = (size + QcowHeader.SectorSize - 1) & ~(long)(QcowHeader.SectorSize - 1);
         var cs = o.ClusterSize;
         var header = new QcowHeader
         {

@@ -45,6 +45,9 @@ internal sealed class QcowHeader
     public const ulong AutoclearBitmaps = 1UL << 0;
     public const ulong AutoclearDataFileRaw = 1UL << 1;
 
+    /// <summary>QEMU's BDRV_SECTOR_SIZE: virtual sizes are whole sectors.</summary>
+    public const int SectorSize = 512;
+
     public const int MinClusterBits = 9;
     public const int MaxClusterBits = 21;
 

@@ -1,0 +1,225 @@
+using QcowTier.Tests.Hostile.Support;
+using QcowTier.Tests.Infrastructure;
+using QcowTier.Tests.Interop.Support;
+using static QcowTier.Tests.Hostile.Support.HostileImage;
+
+namespace QcowTier.Tests.Hostile;
+
+/// <summary>Features we do not implement: refused with <see cref="QcowUnsupportedFeatureException"/>, never read wrongly.</summary>
+public sealed class FeatureTests
+{
+    private static readonly QcowOpenOptions ReadOnly = new() { ReadOnly = true };
+
+    /// <summary>What qemu-img says after "Unsupported qcow2 feature(s): ".</summary>
+    private static string QemuFeatureMessage(string path)
+    {
+        var r = QemuTools.Img("info", "-f", "qcow2", path);
+        r.ExitCode.Should().NotBe(0);
+        const string marker = "Unsupported qcow2 feature(s): ";
+        var text = r.StdErr.Trim();
+        var i = text.IndexOf(marker, StringComparison.Ordinal);
+        i.Should().BeGreaterThanOrEqualTo(0, text);
+        return text[i..].Trim();
+    }
+
+    public static TheoryData<string, ulong> UnknownIncompatibleBits() => new()
+    {
+        { "named", 1UL << 20 },
+        { "unnamed", 1UL << 20 },
+        { "two-named-in-table-order", (1UL << 20) | (1UL << 40) },
+        { "named-and-two-unnamed", (1UL << 20) | (1UL << 33) | (1UL << 63) },
+        { "two-unnamed", (1UL << 5) | (1UL << 6) },
+    };
+
+    [Theory]
+    [MemberData(nameof(UnknownIncompatibleBits))]
+    public void UnknownIncompatibleFeatureIsNamedAsQemuNamesIt(string variant, ulong bits)
+    {
+        using var dir = new TempDir();
+        var img = CreateBase(dir);
+        var table = QemuFeatures.ToList();
+        if (variant.StartsWith("named", StringComparison.Ordinal))
+        {
+            table.Add((0, 20, "frobnicated clusters"));
+        }
+        if (variant.StartsWith("two-named", StringComparison.Ordinal))
+        {
+            // Listed in the table before bit 20: QEMU reports in table order.
+            table.Insert(0, (0, 40, "quantum refcounts"));
+            table.Add((0, 20, "frobnicated clusters"));
+        }
+        img.SetExtensions((FeatureNameTableType, FeatureNameTable([.. table])));
+        img.SetU64(IncompatibleFeatures, bits);
+        var path = img.Save();
+        var qemu = QemuFeatureMessage(path);
+
+        foreach (var readOnly in new[] { true, false })
+        {
+            var e = Guard.Fails<QcowUnsupportedFeatureException>(() => QcowImage.Open(path, new QcowOpenOptions { ReadOnly = readOnly }).Dispose());
+            e.Message.Should().EndWith(qemu, "we name the features exactly as qemu-img does");
+            e.Field.Should().Be("incompatible_features");
+        }
+    }
+
+    [Fact]
+    public void CorruptBitAllowsOnlyReadOnlyOpens()
+    {
+        using var dir = new TempDir();
+        var img = CreateBase(dir);
+        img.SetU64(IncompatibleFeatures, 2);
+        var path = img.Save();
+        Guard.Fails<QcowCorruptImageException>(() => QcowImage.Open(path).Dispose(), "corrupt", "read/write");
+        using var ro = QcowImage.Open(path, ReadOnly);
+        ro.GetInfo().Corrupt.Should().BeTrue();
+        var buf = new byte[ro.Size];
+        ro.Read(0, buf);
+        QemuTools.AssertBytesEqual(QemuTools.ReadRaw(path, dir), buf, "a corrupt image still reads like QEMU reads it");
+        File.ReadAllBytes(path).Should().Equal(img.Bytes);
+    }
+
+    [Theory]
+    [InlineData(1u)]
+    [InlineData(2u)]
+    [InlineData(7u)]
+    public void EncryptionMethodInHeaderIsUnsupported(uint method)
+    {
+        using var dir = new TempDir();
+        var img = CreateBase(dir);
+        img.SetU32(CryptMethod, method);
+        var path = img.Save();
+        foreach (var readOnly in new[] { true, false })
+        {
+            var e = Guard.Fails<QcowUnsupportedFeatureException>(() => QcowImage.Open(path, new QcowOpenOptions { ReadOnly = readOnly }).Dispose(), "encrypt");
+            e.Field.Should().Be("crypt_method");
+        }
+    }
+
+    [Fact]
+    public void RealLuksEncryptedImageIsUnsupported()
+    {
+        using var dir = new TempDir();
+        var path = dir.File("luks.qcow2");
+        // qemu-img's PBKDF benchmark sometimes fails on a busy machine ("Unable to get accurate CPU usage"): retry.
+        Qemu.Result r = null!;
+        for (var attempt = 0; attempt < 8; attempt++)
+        {
+            r = QemuTools.Img("create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=hunter2", "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", path, "1M");
+            if (r.ExitCode == 0)
+            {
+                break;
+            }
+            File.Delete(path);
+        }
+        r.EnsureSuccess();
+        Guard.Fails<QcowUnsupportedFeatureException>(() => QcowImage.Open(path, ReadOnly).Dispose(), "encrypt");
+    }
+
+    [Fact]
+    public void BackingFileIsUnsupported()
+    {
+        using var dir = new TempDir();
+        var basePath = dir.File("base.qcow2");
+        var overlay = dir.File("overlay.qcow2");
+        QemuTools.Img("create", "-q", "-f", "qcow2", basePath, "1M").EnsureSuccess();
+        QemuTools.Io("-f", "qcow2", "-c", "write -q -P 0x55 0 64k", basePath).EnsureSuccess();
+        QemuTools.Img("create", "-q", "-f", "qcow2", "-b", basePath, "-F", "qcow2", overlay).EnsureSuccess();
+        foreach (var readOnly in new[] { true, false })
+        {
+            Guard.Fails<QcowUnsupportedFeatureException>(() => QcowImage.Open(overlay, new QcowOpenOptions { ReadOnly = readOnly }).Dispose(), "backing file");
+        }
+    }
+
+    [Fact]
+    public void ExtendedL2IsUnsupported()
+    {
+        using var dir = new TempDir();
+        var path = dir.File("xl2.qcow2");
+        QemuTools.Img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", path, "1M").EnsureSuccess();
+        QemuTools.Io("-f", "qcow2", "-c", "write -q -P 0x55 0 4k", path).EnsureSuccess();
+        Guard.Fails<QcowUnsupportedFeatureException>(() => QcowImage.Open(path, ReadOnly).Dispose(), "extended L2");
+    }
+
+    [Fact]
+    public void ExternalDataFileIsUnsupported()
+    {
+        using var dir = new TempDir();
+        var path = dir.File("ext.qcow2");
+        QemuTools.Img("create", "-q", "-f", "qcow2", "-o", $"data_file={dir.File("data.raw")}", path, "1M").EnsureSuccess();
+        Guard.Fails<QcowUnsupportedFeatureException>(() => QcowImage.Open(path, ReadOnly).Dispose(), "data file");
+    }
+
+    [Fact]
+    public void ZstdCompressionTypeWithoutCompressedClustersReadsNormally()
+    {
+        using var dir = new TempDir();
+        var path = dir.File("zstd.qcow2");
+        QemuTools.Img("create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", path, "1M").EnsureSuccess();
+        QemuTools.Io("-f", "qcow2", "-c", "write -q -P 0x42 1000 70000", path).EnsureSuccess();
+        using var img = QcowImage.Open(path, ReadOnly);
+        img.GetInfo().CompressionType.Should().Be("zstd");
+        var buf = new byte[img.Size];
+        img.Read(0, buf);
+        QemuTools.AssertBytesEqual(QemuTools.ReadRaw(path, dir), buf, "content");
+    }
+
+    /// <summary>Compressed clusters (qemu-img convert -c): uncompressed parts read fine, compressed ones are refused, never misread; nothing is modified.</summary>
+    [Fact]
+    public void CompressedClustersAreRefusedNeverMisread()
+    {
+        using var dir = new TempDir();
+        var src = CreateBase(dir, "src.qcow2").Path;
+        var path = dir.File("compressed.qcow2");
+        QemuTools.Img("convert", "-q", "-c", "-f", "qcow2", "-O", "qcow2", src, path).EnsureSuccess();
+        // Make an uncompressed region too.
+        QemuTools.Io("-f", "qcow2", "-c", "write -q -P 0x77 2M 64k", path).EnsureSuccess();
+        var raw = QemuTools.ReadRaw(path, dir);
+        var original = File.ReadAllBytes(path);
+
+        using (var ro = QcowImage.Open(path, ReadOnly))
+        {
+            ro.GetMap().Should().Contain(x => x.Kind == QcowExtentKind.Compressed);
+            var buf = new byte[65536];
+            ro.Read(2 << 20, buf);
+            buf.Should().Equal(raw.AsSpan(2 << 20, 65536).ToArray());
+            ro.Read(3 << 20, buf); // unallocated
+            buf.Should().OnlyContain(b => b == 0);
+            Guard.Fails<QcowUnsupportedFeatureException>(() => ro.Read(0, new byte[512]), "compressed");
+            Guard.Fails<QcowUnsupportedFeatureException>(() => ro.Read(65536 - 10, new byte[20]), "compressed");
+            Guard.Fails<QcowUnsupportedFeatureException>(() => ro.ReadAsync(1 << 20, new byte[100]).AsTask().GetAwaiter().GetResult(), "compressed");
+            var s = ro.AsStream();
+            s.Position = 1 << 20;
+            Guard.Fails<QcowUnsupportedFeatureException>(() => s.ReadExactly(new byte[10]), "compressed");
+        }
+        using (var rw = QcowImage.Open(path))
+        {
+            Guard.Fails<QcowUnsupportedFeatureException>(() => rw.Write(10, new byte[10]), "compressed");
+            Guard.Fails<QcowUnsupportedFeatureException>(() => rw.Write(0, new byte[65536]), "compressed");
+            Guard.Fails<QcowUnsupportedFeatureException>(() => rw.WriteAsync(1 << 20, new byte[65536]).AsTask().GetAwaiter().GetResult(), "compressed");
+            Guard.Fails<QcowUnsupportedFeatureException>(() => rw.WriteZeroes(0, 65536), "compressed");
+            Guard.Fails<QcowUnsupportedFeatureException>(() => rw.Discard(0, 131072), "compressed");
+            rw.IsReadOnly.Should().BeFalse("an unsupported feature is not corruption");
+            // The uncompressed cluster is still writable.
+            rw.Write((2 << 20) + 5, new byte[] { 9 });
+        }
+        QemuTools.AssertClean(path);
+        var after = QemuTools.ReadRaw(path, dir);
+        raw[(2 << 20) + 5] = 9;
+        QemuTools.AssertBytesEqual(raw, after, "nothing but the one successful write changed the content");
+        _ = original;
+    }
+
+    [Fact]
+    public void InternalSnapshotsAllowReadOnlyOpensOnly()
+    {
+        using var dir = new TempDir();
+        var path = CreateBase(dir).Path;
+        QemuTools.Img("snapshot", "-c", "snap1", path).EnsureSuccess();
+        QemuTools.Io("-f", "qcow2", "-c", "write -q -P 0x66 0 4k", path).EnsureSuccess();
+        Guard.Fails<QcowUnsupportedFeatureException>(() => QcowImage.Open(path).Dispose(), "snapshot");
+        using var ro = QcowImage.Open(path, ReadOnly);
+        ro.GetInfo().SnapshotCount.Should().Be(1);
+        var buf = new byte[ro.Size];
+        ro.Read(0, buf);
+        QemuTools.AssertBytesEqual(QemuTools.ReadRaw(path, dir), buf, "the active layer reads like QEMU reads it (shared clusters included)");
+    }
+}
