@@ -83,7 +83,6 @@ public static class Rebalancer
                 .OrderBy(u => units[u].Score).ThenByDescending(u => units[u].Index).ToList();
             var contenders = idx.Where(u => !units[u].Pinned && units[u].HddBytes > 0 && units[u].Score >= policy.MinimumPromotionScore)
                 .OrderByDescending(u => units[u].Score).ThenBy(u => units[u].Index).ToList();
-            var demoted = new HashSet<int>();
             var r = 0;
 
             bool Fits(long bytes)
@@ -105,7 +104,6 @@ public static class Rebalancer
                     break;
                 }
                 moves.Add((d, StorageTier.Hdd));
-                demoted.Add(d);
                 moveBytes += units[d].SsdBytes;
                 used -= units[d].SsdBytes;
             }
@@ -153,7 +151,6 @@ public static class Rebalancer
                 foreach (var d in take)
                 {
                     moves.Add((d, StorageTier.Hdd));
-                    demoted.Add(d);
                 }
                 r = rr;
                 moves.Add((c, StorageTier.Ssd));
@@ -171,10 +168,26 @@ public static class Rebalancer
             notes.Add($"{RebalancePlan.Size(pinnedBytes)} of pinned data stays where its pins say");
         }
 
-        var target = moves.ToDictionary(m => m.Unit, m => m.To);
+        var target = new Dictionary<int, StorageTier>(moves.Count);
+        foreach (var (unit, to) in moves)
+        {
+            target[unit] = to;
+        }
         var after = Predict(units, policy, target);
-        var rank = Enumerable.Range(0, units.Count).OrderByDescending(u => units[u].Score).ThenBy(u => units[u].Index)
-            .Select((u, i) => (u, i)).ToDictionary(x => x.u, x => (long)x.i + 1);
+        // Rank = position in the global heat order (1 = hottest), from one array sort.
+        var order = new int[units.Count];
+        var keys = new float[units.Count];
+        for (var i = 0; i < order.Length; i++)
+        {
+            order[i] = i;
+            keys[i] = -units[i].Score;
+        }
+        Array.Sort(keys, order);
+        var rank = new long[units.Count];
+        for (var i = 0; i < order.Length; i++)
+        {
+            rank[order[i]] = i + 1;
+        }
         var planned = Coalesce(inputs, units, moves, rank);
         var totalBytes = planned.Sum(m => m.Bytes);
         var seconds = planned.Sum(m => m.Bytes / Math.Min(policy.Ssd.BytesPerSecond, policy.Hdd.BytesPerSecond)
@@ -206,12 +219,17 @@ public static class Rebalancer
         }
     }
 
+    /// <summary>
+    /// One entry per allocated unit, in disk order: placement runs come sorted, so the current unit is
+    /// always the last one added, and pins are walked with a pointer, not searched per unit.
+    /// </summary>
     private static void CollectUnits(int image, QcowImage img, HeatMap heat, RebalancePolicy policy, List<Unit> units)
     {
         var unitBits = heat.UnitBits;
+        var unitSize = heat.UnitSize;
         var pins = img.GetTierPins();
-        var first = units.Count;
-        var byIndex = new Dictionary<long, int>();
+        var pin = 0;
+        var last = -1L;
         foreach (var ext in img.GetPlacement())
         {
             if (ext.Tier is not { } tier)
@@ -221,15 +239,16 @@ public static class Rebalancer
             for (var pos = ext.Start; pos < ext.Start + ext.Length;)
             {
                 var u = pos >> unitBits;
-                var unitEnd = (u + 1) << unitBits;
-                var n = (int)(Math.Min(unitEnd, ext.Start + ext.Length) - pos);
-                if (!byIndex.TryGetValue(u, out var at))
+                var n = (int)(Math.Min((u + 1) << unitBits, ext.Start + ext.Length) - pos);
+                if (u != last)
                 {
-                    at = units.Count;
-                    byIndex[u] = at;
+                    last = u;
                     var h = u < heat.UnitCount ? heat.GetUnit(u) : default;
                     var start = u << unitBits;
-                    var pinned = pins.Any(p => p.Start < start + heat.UnitSize && start < p.Start + p.Length);
+                    while (pin < pins.Count && pins[pin].Start + pins[pin].Length <= start)
+                    {
+                        pin++;
+                    }
                     units.Add(new Unit
                     {
                         Image = image,
@@ -237,10 +256,10 @@ public static class Rebalancer
                         Reads = h.Reads,
                         Writes = h.Writes,
                         Score = (float)(policy.ReadWeight * h.Reads + policy.WriteWeight * h.Writes),
-                        Pinned = pinned,
+                        Pinned = pin < pins.Count && pins[pin].Start < start + unitSize,
                     });
                 }
-                var unit = units[at];
+                ref var unit = ref System.Runtime.InteropServices.CollectionsMarshal.AsSpan(units)[^1];
                 if (tier == StorageTier.Ssd)
                 {
                     unit.SsdBytes += n;
@@ -249,11 +268,9 @@ public static class Rebalancer
                 {
                     unit.HddBytes += n;
                 }
-                units[at] = unit;
                 pos += n;
             }
         }
-        _ = first;
     }
 
     private static (bool Skewed, double Top20) Skew(List<Unit> units, double minimum)
@@ -307,50 +324,61 @@ public static class Rebalancer
     }
 
     /// <summary>Merges moves of neighbouring units of one image going the same way into one range.</summary>
-    private static List<PlannedMove> Coalesce(IReadOnlyList<RebalanceInput> inputs, List<Unit> units, List<(int Unit, StorageTier To)> moves, Dictionary<int, long> rank)
+    private static List<PlannedMove> Coalesce(IReadOnlyList<RebalanceInput> inputs, List<Unit> units, List<(int Unit, StorageTier To)> moves, long[] rank)
     {
-        var result = new List<PlannedMove>();
-        foreach (var group in moves.OrderBy(m => m.To == StorageTier.Ssd).ThenBy(m => units[m.Unit].Image).ThenBy(m => units[m.Unit].Index)
-                     .GroupBy(m => (m.To, units[m.Unit].Image)))
+        // Demotions first (they make room), then by image and offset: one array sort on a packed key.
+        var keys = new long[moves.Count];
+        var order = new int[moves.Count];
+        for (var i = 0; i < moves.Count; i++)
         {
-            PlannedMove? cur = null;
-            long lastIndex = -2;
-            foreach (var (u, to) in group)
+            var u = units[moves[i].Unit];
+            keys[i] = ((moves[i].To == StorageTier.Ssd ? 1L : 0L) << 62) | ((long)u.Image << 46) | u.Index;
+            order[i] = i;
+        }
+        Array.Sort(keys, order);
+        var result = new List<PlannedMove>();
+        var open = false;
+        int image = 0, bestUnit = 0;
+        StorageTier to = default;
+        long start = 0, end = 0, bytes = 0, lastIndex = -2;
+        double best = 0;
+        void Close()
+        {
+            if (open)
             {
-                var unit = units[u];
-                var heat = inputs[unit.Image].Heat;
-                var start = unit.Index << heat.UnitBits;
-                var length = Math.Min(heat.UnitSize, inputs[unit.Image].Image.Size - start);
-                var bytes = to == StorageTier.Ssd ? unit.HddBytes : unit.SsdBytes;
-                if (cur is not null && unit.Index == lastIndex + 1)
-                {
-                    var better = to == StorageTier.Ssd ? unit.Score > cur.Score : unit.Score < cur.Score;
-                    cur = cur with
-                    {
-                        Length = start + length - cur.Start,
-                        Bytes = cur.Bytes + bytes,
-                        Score = better ? unit.Score : cur.Score,
-                        Rank = better ? rank[u] : cur.Rank,
-                    };
-                }
-                else
-                {
-                    if (cur is not null)
-                    {
-                        result.Add(cur);
-                    }
-                    var reason = to == StorageTier.Ssd
-                        ? $"hot: score {unit.Score:G4}, rank {rank[u]}"
-                        : $"cold: score {unit.Score:G4}, rank {rank[u]}; makes room or enforces the budget";
-                    cur = new PlannedMove(unit.Image, start, length, bytes, to, unit.Score, rank[u], reason);
-                }
-                lastIndex = unit.Index;
-            }
-            if (cur is not null)
-            {
-                result.Add(cur);
+                var reason = to == StorageTier.Ssd
+                    ? $"hot: score {best:G4}, rank {rank[bestUnit]}"
+                    : $"cold: score {best:G4}, rank {rank[bestUnit]}; makes room or enforces the budget";
+                result.Add(new PlannedMove(image, start, end - start, bytes, to, best, rank[bestUnit], reason));
             }
         }
+        foreach (var i in order)
+        {
+            var (ui, dir) = moves[i];
+            var unit = units[ui];
+            var heat = inputs[unit.Image].Heat;
+            var unitStart = unit.Index << heat.UnitBits;
+            var unitEnd = Math.Min(unitStart + heat.UnitSize, inputs[unit.Image].Image.Size);
+            var b = dir == StorageTier.Ssd ? unit.HddBytes : unit.SsdBytes;
+            if (open && dir == to && unit.Image == image && unit.Index == lastIndex + 1)
+            {
+                end = unitEnd;
+                bytes += b;
+                if (dir == StorageTier.Ssd ? unit.Score > best : unit.Score < best)
+                {
+                    best = unit.Score;
+                    bestUnit = ui;
+                }
+            }
+            else
+            {
+                Close();
+                open = true;
+                (image, to, start, end, bytes, best, bestUnit) = (unit.Image, dir, unitStart, unitEnd, b, unit.Score, ui);
+            }
+            lastIndex = unit.Index;
+        }
+        Close();
         return result;
     }
 
