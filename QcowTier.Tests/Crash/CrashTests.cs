@@ -178,8 +178,12 @@ public sealed class CrashTests
         Sweep(scenario, CrashMode.TornSectors, budget: 40, repairEvery: 4);
     }
 
+    /// <summary>QCOWTIER_STRESS=n multiplies the cut points (and varies the seeds) for a longer hunt; default 1.</summary>
+    internal static int Stress => int.TryParse(Environment.GetEnvironmentVariable("QCOWTIER_STRESS"), out var n) && n > 1 ? n : 1;
+
     private static void Sweep(string name, CrashMode mode, int budget, int repairEvery = 1)
     {
+        budget = (int)Math.Min(int.MaxValue, (long)budget * Stress);
         var s = Get(name);
         var total = CrashHarness.CountWrites(s.Format, s.Size, s.Setup, s.Ops);
         total.Should().BeGreaterThan(0);
@@ -187,7 +191,7 @@ public sealed class CrashTests
         var i = 0;
         foreach (var n in CrashHarness.CutPoints(total, budget))
         {
-            var seed = (int)n * 7919 + (int)mode;
+            var seed = (int)n * 7919 + (int)mode + Stress * 104729;
             var outcome = CrashHarness.Run(s.Format, s.Size, s.Setup, s.Ops, n, mode, seed);
             if (n <= total)
             {

@@ -148,6 +148,23 @@ internal sealed class FaultInjectingStorage : ImageStorage
         }
     }
 
+    /// <summary>A punched hole reads as zeroes; like any write it may or may not survive a cut until flushed.</summary>
+    public override void Reclaim(long offset, long length)
+    {
+        lock (_gate)
+        {
+            var end = Math.Min(offset + length, _currentLength);
+            if (end <= offset)
+            {
+                return;
+            }
+            CountWrite();
+            var zeroes = new byte[end - offset];
+            Apply(ref _current, ref _currentLength, new Pending(offset, zeroes, 0));
+            _pending.Add(new Pending(offset, zeroes, 0));
+        }
+    }
+
     public override void Flush()
     {
         lock (_gate)

@@ -211,6 +211,78 @@ public sealed class InteropMatrixTests
         new FileInfo(ours).Length.Should().BeLessThan(64L << 20, "a sparse disk stays small");
     }
 
+    /// <summary>
+    /// Layouts QEMU makes by other routes than create + write: full and falloc preallocation, qemu-img convert,
+    /// and qemu-img amend rewriting the refcount structures (to 1-bit and back) and downgrading to compat=0.10.
+    /// We read them as QEMU does, write them, and they stay clean and equal to what QEMU makes of the same writes.
+    /// </summary>
+    [Theory]
+    [InlineData("prealloc-full")]
+    [InlineData("prealloc-falloc")]
+    [InlineData("converted")]
+    [InlineData("amended-refcount-bits")]
+    [InlineData("amended-to-v2")]
+    public void OtherQemuLayoutsReadAndWriteLikeQemu(string how)
+    {
+        using var dir = new TempDir();
+        var theirs = dir.File("qemu.qcow2");
+        var ours = dir.File("ours.qcow2");
+        const int cs = 4096;
+        var size = Scenarios.DiskSize(cs);
+        var first = Scenarios.Standard(size, cs, seed: 99);
+        // No resize (and nothing past the original end): the disk keeps the size QEMU laid out.
+        first.RemoveAll(o => o switch
+        {
+            ResizeOp => true,
+            WriteOp w => w.Offset + w.Data.Length > size,
+            ZeroOp z => z.Offset + z.Length > size,
+            DiscardOp d => d.Offset + d.Length > size,
+            _ => false,
+        });
+        switch (how)
+        {
+            case "prealloc-full":
+            case "prealloc-falloc":
+                QemuTools.Img("create", "-q", "-f", "qcow2", "-o", $"cluster_size={cs},preallocation={how[9..]}", theirs, size.ToString(System.Globalization.CultureInfo.InvariantCulture)).EnsureSuccess();
+                QemuTools.Apply(theirs, first, dir);
+                break;
+            case "converted":
+                var raw = dir.File("src.raw");
+                var model0 = new ContentModel(size, cs);
+                model0.ApplyAll(first);
+                File.WriteAllBytes(raw, model0.Bytes);
+                QemuTools.Img("convert", "-q", "-f", "raw", "-O", "qcow2", "-o", $"cluster_size={cs}", raw, theirs).EnsureSuccess();
+                break;
+            default:
+                QemuTools.Create(theirs, size, new ImageFormat(cs, 16, V2: false, Lazy: false));
+                QemuTools.Apply(theirs, first, dir);
+                QemuTools.Img("amend", "-f", "qcow2", "-o", "refcount_bits=1", theirs).EnsureSuccess();
+                QemuTools.Img("amend", "-f", "qcow2", "-o", how == "amended-to-v2" ? "compat=0.10,refcount_bits=16" : "refcount_bits=64", theirs).EnsureSuccess();
+                break;
+        }
+        QemuTools.AssertClean(theirs);
+        var model = new ContentModel(size, cs);
+        model.ApplyAll(first);
+        using (var ro = QcowImage.Open(theirs, new QcowOpenOptions { ReadOnly = true }))
+        {
+            var buf = new byte[ro.Size];
+            ro.Read(0, buf);
+            QemuTools.AssertBytesEqual(model.Bytes, buf, $"{how}: our read of QEMU's image");
+        }
+
+        File.Copy(theirs, ours);
+        var second = Scenarios.Followup(size, cs, seed: 7);
+        using (var runner = OurRunner.OpenFile(ours, Api.Sync))
+        {
+            runner.ApplyAll(second);
+        }
+        QemuTools.Apply(theirs, second, dir);
+        model.ApplyAll(second);
+        QemuTools.AssertClean(ours);
+        QemuTools.AssertSameContent(ours, theirs);
+        QemuTools.AssertBytesEqual(model.Bytes, QemuTools.ReadRaw(ours, dir), $"{how}: content after our writes");
+    }
+
     private static void QemuThenUs(ImageFormat f, int salt, (Api Api, QcowCacheMode Cache)? variant = null)
     {
         var (api, cache) = variant ?? Variant(f, salt);

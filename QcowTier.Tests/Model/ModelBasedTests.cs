@@ -136,7 +136,7 @@ public sealed class ModelBasedTests
     {
         var f = new ImageFormat(cs, bits, v2, lazy, prealloc);
         // Disks of up to 1.5 MiB, so small clusters span many L2 tables and refcount blocks.
-        GenCase(3072).Sample(c => RunCase(f, c), iter: 25, threads: 1, print: c => c.ToString());
+        GenCase(3072).Sample(c => RunCase(f, c), iter: 25 * Crash.CrashTests.Stress, threads: 1, print: c => c.ToString());
     }
 
     /// <summary>Longer sequences, more of them.</summary>
@@ -147,7 +147,7 @@ public sealed class ModelBasedTests
     {
         var f = new ImageFormat(cs, bits, v2, lazy, prealloc);
         Gen.Select(Gen.Int[1, 6144], Gen.Int[0, 2], Gen.Bool, GenStep.Array[20, 80]).Select((n, a, tiny, steps) => new Case(n, (Api)a, tiny, steps))
-            .Sample(c => RunCase(f, c), iter: 60, threads: 2, print: c => c.ToString());
+            .Sample(c => RunCase(f, c), iter: 60 * Crash.CrashTests.Stress, threads: 2, print: c => c.ToString());
     }
 
     /// <summary>2 MiB clusters: few, large clusters, where every partial write pads a whole cluster.</summary>
