@@ -25,6 +25,23 @@ public static class Qemu
 
     public static Result Run(string tool, IEnumerable<string> args, TimeSpan? timeout = null)
     {
+        // Tests run in parallel and spawn processes: a child forked by another test can hold a copy of
+        // a descriptor we just closed until it execs, and with it our image lock. QEMU does not retry
+        // a lock conflict, so the harness does, briefly.
+        var list = args.ToList();
+        for (var attempt = 0; ; attempt++)
+        {
+            var r = RunOnce(tool, list, timeout);
+            if (r.ExitCode == 0 || attempt == 20 || !r.StdErr.Contains("lock", StringComparison.Ordinal) || !r.StdErr.Contains("Failed to get", StringComparison.Ordinal))
+            {
+                return r;
+            }
+            Thread.Sleep(50);
+        }
+    }
+
+    private static Result RunOnce(string tool, IEnumerable<string> args, TimeSpan? timeout)
+    {
         var psi = new ProcessStartInfo(tool)
         {
             RedirectStandardOutput = true,

@@ -15,24 +15,8 @@ public sealed record CheckReport(int ExitCode, long Corruptions, long Leaks, lon
 /// <summary>Helpers over the real qemu-img/qemu-io that the shared <see cref="Qemu"/> class does not have.</summary>
 public static class QemuTools
 {
-    /// <summary>
-    /// Runs a QEMU tool, retrying while it reports an image-lock conflict: a child process forked by a
-    /// parallel test shares our just-closed descriptor (and its OFD lock) until its exec closes it.
-    /// </summary>
-    public static Qemu.Result Run(string tool, IReadOnlyList<string> args)
-    {
-        for (var attempt = 0; ; attempt++)
-        {
-            var r = Qemu.Run(tool, args);
-            var lockConflict = r.ExitCode != 0 && (r.StdErr + r.StdOut).Contains("lock", StringComparison.Ordinal)
-                && (r.StdErr + r.StdOut).Contains("Failed to get", StringComparison.Ordinal);
-            if (!lockConflict || attempt == 20)
-            {
-                return r;
-            }
-            Thread.Sleep(10);
-        }
-    }
+    /// <summary>Runs a QEMU tool (the shared runner retries image-lock conflicts caused by parallel tests).</summary>
+    public static Qemu.Result Run(string tool, IReadOnlyList<string> args) => Qemu.Run(tool, args);
 
     public static Qemu.Result Img(params string[] args) => Run("qemu-img", args);
 
