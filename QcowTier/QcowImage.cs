@@ -12,7 +12,8 @@ namespace QcowTier;
 /// <remarks>
 /// Thread safety: every member may be called from many threads at once, sync and async alike.
 /// Reads and writes of disjoint ranges proceed in parallel; overlapping requests behave as on a
-/// disk (a read concurrent with a write sees the old or the new bytes of each cluster).
+/// disk: a read racing a write of the same bytes may see old bytes, new bytes or a mix of the two
+/// (the page cache does not make sectors atomic), but never bytes of another guest offset.
 /// Durability: completed writes survive a power cut once <see cref="Flush"/> (or
 /// <see cref="FlushAsync"/>) returns; a cut at any moment leaves the image consistent, with at
 /// worst leaked clusters that <see cref="Check"/> repairs.
