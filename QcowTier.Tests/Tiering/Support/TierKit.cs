@@ -10,12 +10,12 @@ internal static class TierKit
 
     public static QcowCreateOptions Tiered(int clusterSize, string dataFile = "data.hdd", StorageTier defaultTier = StorageTier.Ssd,
         long ssdBudget = 0, int refcountBits = 16, QcowCacheMode cache = QcowCacheMode.Writeback) => new()
-    {
-        ClusterSize = clusterSize,
-        RefcountBits = refcountBits,
-        CacheMode = cache,
-        Tier = new QcowTierOptions { DataFile = dataFile, DefaultTier = defaultTier, SsdBudget = ssdBudget },
-    };
+        {
+            ClusterSize = clusterSize,
+            RefcountBits = refcountBits,
+            CacheMode = cache,
+            Tier = new QcowTierOptions { DataFile = dataFile, DefaultTier = defaultTier, SsdBudget = ssdBudget },
+        };
 
     /// <summary>Reads the whole disk through the image and compares it with the model, naming the first differing byte.</summary>
     public static void AssertContent(QcowImage image, DiskModel model, string because = "")
