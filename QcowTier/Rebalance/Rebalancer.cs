@@ -76,13 +76,38 @@ public static class Rebalancer
         var capHit = false;
         foreach (var (members, budget) in pools)
         {
-            var inPool = new HashSet<int>(members);
-            var idx = Enumerable.Range(0, units.Count).Where(u => inPool.Contains(units[u].Image)).ToList();
-            long used = idx.Sum(u => (long)units[u].SsdBytes);
-            var residents = idx.Where(u => !units[u].Pinned && units[u].SsdBytes > 0)
-                .OrderBy(u => units[u].Score).ThenByDescending(u => units[u].Index).ToList();
-            var contenders = idx.Where(u => !units[u].Pinned && units[u].HddBytes > 0 && units[u].Score >= policy.MinimumPromotionScore)
-                .OrderByDescending(u => units[u].Score).ThenBy(u => units[u].Index).ToList();
+            var inPool = new bool[inputs.Count];
+            foreach (var m in members)
+            {
+                inPool[m] = true;
+            }
+            long used = 0;
+            var residentList = new List<int>();
+            var contenderList = new List<int>();
+            for (var u = 0; u < units.Count; u++)
+            {
+                var unit = units[u];
+                if (!inPool[unit.Image])
+                {
+                    continue;
+                }
+                used += unit.SsdBytes;
+                if (unit.Pinned)
+                {
+                    continue;
+                }
+                if (unit.SsdBytes > 0)
+                {
+                    residentList.Add(u);
+                }
+                if (unit.HddBytes > 0 && unit.Score >= policy.MinimumPromotionScore)
+                {
+                    contenderList.Add(u);
+                }
+            }
+            // Coldest residents first, hottest contenders first; ties by disk order (units are in disk order).
+            var residents = SortByScore(units, residentList, descending: false);
+            var contenders = SortByScore(units, contenderList, descending: true);
             var r = 0;
 
             bool Fits(long bytes)
@@ -201,6 +226,29 @@ public static class Rebalancer
         {
             ThrottleBytesPerSecond = policy.ThrottleBytesPerSecond,
         };
+    }
+
+    private static List<int> SortByScore(List<Unit> units, List<int> indices, bool descending)
+    {
+        var keys = new float[indices.Count];
+        var items = indices.ToArray();
+        for (var i = 0; i < items.Length; i++)
+        {
+            keys[i] = descending ? -units[items[i]].Score : units[items[i]].Score;
+        }
+        // Array.Sort is not stable: sort by (score, position) so equal scores keep disk order.
+        var order = new long[items.Length];
+        for (var i = 0; i < order.Length; i++)
+        {
+            order[i] = i;
+        }
+        Array.Sort(order, (a, b) => keys[a] != keys[b] ? keys[a].CompareTo(keys[b]) : a.CompareTo(b));
+        var result = new List<int>(items.Length);
+        foreach (var o in order)
+        {
+            result.Add(items[o]);
+        }
+        return result;
     }
 
     private static void Validate(QcowImage image, HeatMap heat, int i)
