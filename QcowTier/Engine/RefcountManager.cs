@@ -94,8 +94,6 @@ internal sealed class RefcountManager
 
     public long EntriesPerBlock => 1L << _blockBits;
 
-    public int TableEntries => _table.Count;
-
     public bool HasPendingFrees => _pendingFrees.Count > 0;
 
     public bool HasDirty => _dirtyTableEntries.Count > 0 || _blocks.HasDirty || _table.Count > _diskEntries;
@@ -125,15 +123,6 @@ internal sealed class RefcountManager
             }
         }
         _freeHint = 0;
-    }
-
-    /// <summary>Drops every cached block and re-reads the table (after an external repair).</summary>
-    public void Reload()
-    {
-        _blocks.Clear();
-        _dirtyTableEntries.Clear();
-        _pendingFrees.Clear();
-        LoadTable();
     }
 
     private byte[]? GetBlock(long blockIndex)

@@ -150,8 +150,6 @@ internal sealed unsafe class DirectFileStorage : ImageStorage
 
     public override void SetLength(long length) => _inner.SetLength(length);
 
-    public override void PunchHole(long offset, long length) => _inner.PunchHole(offset, length);
-
     public override void EnsureLength(long end) => _inner.EnsureLength(end);
 
     public override void Lock(bool writable) => _inner.Lock(writable);

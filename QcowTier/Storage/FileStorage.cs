@@ -162,15 +162,6 @@ internal sealed class FileStorage : ImageStorage
         base.EnsureLength(end);
     }
 
-    public override void PunchHole(long offset, long length)
-    {
-        if (OperatingSystem.IsLinux() && NativeMethods.PunchHole(_handle, offset, length))
-        {
-            return;
-        }
-        base.PunchHole(offset, length);
-    }
-
     public override long AllocatedBytes => OperatingSystem.IsLinux() ? NativeMethods.AllocatedBytes(_handle) : -1;
 
     protected override void Dispose(bool disposing)

@@ -43,18 +43,6 @@ internal abstract class ImageStorage : IDisposable
 
     public abstract void SetLength(long length);
 
-    /// <summary>Releases the byte range so it reads as zero and, where the file system can, frees its space.</summary>
-    public virtual void PunchHole(long offset, long length)
-    {
-        // Fallback: write zeroes. Used only where the caller needs zeroes back.
-        var zero = new byte[Math.Min(length, 1 << 20)];
-        for (long done = 0; done < length; done += zero.Length)
-        {
-            var n = (int)Math.Min(zero.Length, length - done);
-            Write(offset + done, zero.AsSpan(0, n));
-        }
-    }
-
     /// <summary>Grows the storage to at least <paramref name="end"/> bytes; never shrinks it, even racing with writers.</summary>
     public virtual void EnsureLength(long end)
     {
