@@ -421,26 +421,54 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
     {
         var extents = GetMap();
         var buffer = new byte[Math.Max(ClusterSize, 1 << 20)];
-        if (raw)
+        var created = false;
+        try
         {
-            using var fs = new FileStream(path, FileMode.CreateNew, FileAccess.Write);
-            fs.SetLength(Size);
-            CopyData(extents, buffer, (off, span) => RandomAccess.Write(fs.SafeFileHandle, span, off));
-            fs.Flush(flushToDisk: true);
-            return;
-        }
-        var o = options ?? new QcowCreateOptions { ClusterSize = ClusterSize, RefcountBits = RefcountBits, Compat = (QcowCompat)Version };
-        o = new QcowCreateOptions { ClusterSize = o.ClusterSize, RefcountBits = o.RefcountBits, Compat = o.Compat, LazyRefcounts = o.LazyRefcounts, CacheMode = o.CacheMode };
-        using var target = Create(path, Size, o);
-        CopyData(extents, buffer, (off, span) => target.Write(off, span));
-        foreach (var e in extents)
-        {
-            if (e.Kind == QcowExtentKind.Zero && target.Version >= 3)
+            if (raw)
             {
-                target.WriteZeroes(e.Start, e.Length, mayUnmap: true);
+                using var fs = new FileStream(path, FileMode.CreateNew, FileAccess.Write);
+                created = true;
+                fs.SetLength(Size);
+                CopyData(extents, buffer, (off, span) => RandomAccess.Write(fs.SafeFileHandle, span, off));
+                fs.Flush(flushToDisk: true);
+                return;
             }
+            var o = options ?? new QcowCreateOptions { ClusterSize = ClusterSize, RefcountBits = RefcountBits, Compat = (QcowCompat)Version };
+            o = new QcowCreateOptions { ClusterSize = o.ClusterSize, RefcountBits = o.RefcountBits, Compat = o.Compat, LazyRefcounts = o.LazyRefcounts, CacheMode = o.CacheMode };
+            using var target = Create(path, Size, o);
+            created = true;
+            CopyData(extents, buffer, (off, span) => target.Write(off, span));
+            foreach (var e in extents)
+            {
+                if (e.Kind == QcowExtentKind.Zero && target.Version >= 3)
+                {
+                    target.WriteZeroes(e.Start, e.Length, mayUnmap: true);
+                }
+            }
+            target.Flush();
         }
-        target.Flush();
+        catch when (created)
+        {
+            // Never leave a half-written export behind to be mistaken for a complete one
+            // (the file is ours: it did not exist before; `using` has closed it by now).
+            TryDelete(path);
+            throw;
+        }
+    }
+
+    private static void TryDelete(string path)
+    {
+        try
+        {
+            File.Delete(path);
+        }
+        catch (IOException)
+        {
+            // The original error is what the caller needs.
+        }
+        catch (UnauthorizedAccessException)
+        {
+        }
     }
 
     private delegate void SpanWriter(long offset, ReadOnlySpan<byte> data);
