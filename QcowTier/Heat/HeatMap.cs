@@ -56,6 +56,9 @@ public sealed class HeatMap : Engine.IIoObserver
     [ThreadStatic]
     private static ulong t_rng;
 
+    private static readonly long s_tickBase = Environment.TickCount64;
+    private static readonly long s_clockBase = DateTimeOffset.UtcNow.UtcTicks;
+
     /// <summary>Creates an empty heat map for a virtual disk.</summary>
     /// <param name="virtualSize">The disk's size in bytes.</param>
     /// <param name="clusterSize">The image's cluster size (a power of two).</param>
@@ -196,7 +199,9 @@ public sealed class HeatMap : Engine.IIoObserver
             return; // an I/O outside the disk heats nothing; importers count such lines themselves
         }
         length = Math.Min(length, VirtualSize - offset);
-        var ticks = (when ?? DateTimeOffset.UtcNow).UtcTicks;
+        // Live recording stamps the window with a coarse monotonic clock: DateTimeOffset.UtcNow per I/O
+        // costs more than the rest of the hot path, and milliseconds are plenty for a window.
+        var ticks = when?.UtcTicks ?? s_clockBase + (Environment.TickCount64 - s_tickBase) * TimeSpan.TicksPerMillisecond;
         UpdateWindow(ticks);
         var first = offset >> UnitBits;
         var last = (offset + Math.Max(length, 1) - 1) >> UnitBits;
