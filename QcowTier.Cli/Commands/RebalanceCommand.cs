@@ -21,8 +21,13 @@ internal sealed class RebalanceCommand : Command
           --throttle RATE     cap on copy throughput, bytes per second (k, M, G suffixes)
           --hysteresis F      promote only when F times hotter than the resident it displaces (default 1.5)
           --read-weight W, --write-weight W   weights of reads and writes in the heat score
+          --sequential-run SIZE   units read mostly in sequential runs at least this long are ranked by
+                              their random I/O only, so long scans stay on HDD (e.g. 8M)
+          --ssd-model LAT,RATE, --hdd-model LAT,RATE   device model of a tier for the predictions, e.g.
+                              0.1ms,500M and 8ms,150M (the defaults)
           --output=json       the plan (and result) as JSON
-          --picture PREFIX    heat strips with each cluster's tier: PREFIX-N-before.png (and -after.png on apply)
+          --picture PREFIX    PREFIX-N.png per image: its heat strip over its tiers before and after
+                              (after as planned for 'plan', as applied for 'apply')
           -p                  progress bar (apply)
 
         """;
@@ -39,7 +44,8 @@ internal sealed class RebalanceCommand : Command
             throw new CliException($"Unknown rebalance command '{sub}' (plan or apply)");
         }
         var o = new OptionParser("p", ("heat", true), ("ssd-budget", true), ("max-move", true), ("throttle", true), ("shared", false),
-            ("output", true), ("hysteresis", true), ("read-weight", true), ("write-weight", true), ("picture", true)).Parse(args.Skip(1).ToList());
+            ("output", true), ("hysteresis", true), ("read-weight", true), ("write-weight", true), ("picture", true),
+            ("sequential-run", true), ("ssd-model", true), ("hdd-model", true)).Parse(args.Skip(1).ToList());
         if (o.WantsHelp)
         {
             return PrintHelp(ctx);
@@ -76,6 +82,9 @@ internal sealed class RebalanceCommand : Command
             Hysteresis = o.Get("hysteresis") is { } h ? ParseDouble("hysteresis", h) : 1.5,
             ReadWeight = o.Get("read-weight") is { } rw ? ParseDouble("read-weight", rw) : 1,
             WriteWeight = o.Get("write-weight") is { } ww ? ParseDouble("write-weight", ww) : 1,
+            SequentialRunBytes = o.Get("sequential-run") is { } sr ? SizeParser.Parse("sequential-run", sr) : null,
+            Ssd = o.Get("ssd-model") is { } sm ? ParseModel("ssd-model", sm) : DeviceModel.Ssd,
+            Hdd = o.Get("hdd-model") is { } hm ? ParseModel("hdd-model", hm) : DeviceModel.Hdd,
         };
         var json = ParseJsonOutput(o);
         var apply = sub == "apply";
@@ -95,7 +104,7 @@ internal sealed class RebalanceCommand : Command
             }
             var plan = Rebalancer.Plan(inputs, policy);
             var picture = o.Get("picture");
-            Pictures(picture, "before", inputs);
+            var placementsBefore = images.Select(i => i.GetPlacement()).ToList();
             RebalanceResult? result = null;
             if (apply)
             {
@@ -116,8 +125,8 @@ internal sealed class RebalanceCommand : Command
                     Console.CancelKeyPress -= onCancel;
                 }
                 bar.Finish();
-                Pictures(picture, "after", inputs);
             }
+            Pictures(picture, inputs, placementsBefore, i => result is null ? plan.ProjectPlacement(i, placementsBefore[i]) : images[i].GetPlacement());
             if (json)
             {
                 ctx.Out.WriteLine(ToJson(plan, result, files));
@@ -145,7 +154,7 @@ internal sealed class RebalanceCommand : Command
         }
     }
 
-    private static void Pictures(string? prefix, string when, List<RebalanceInput> inputs)
+    private static void Pictures(string? prefix, List<RebalanceInput> inputs, List<IReadOnlyList<TierExtent>> before, Func<int, IReadOnlyList<TierExtent>> after)
     {
         if (prefix is null)
         {
@@ -153,9 +162,35 @@ internal sealed class RebalanceCommand : Command
         }
         for (var i = 0; i < inputs.Count; i++)
         {
-            using var fs = new FileStream($"{prefix}-{i}-{when}.png", FileMode.Create, FileAccess.Write);
-            HeatRender.WriteHeatStrip(fs, inputs[i].Heat, inputs[i].Image);
+            using var fs = new FileStream($"{prefix}-{i}.png", FileMode.Create, FileAccess.Write);
+            HeatRender.WriteRebalancePicture(fs, inputs[i].Heat, before[i], after(i));
         }
+    }
+
+    /// <summary>"LATENCY,RATE": a latency with its unit (ns, us, ms, s) and a bandwidth in bytes per second (k, M, G suffixes).</summary>
+    private static DeviceModel ParseModel(string name, string text)
+    {
+        var parts = text.Split(',');
+        if (parts.Length != 2)
+        {
+            throw new CliException($"--{name}: '{text}' is not LATENCY,RATE (e.g. 8ms,150M)");
+        }
+        var lat = parts[0].Trim();
+        var (number, scale) = lat switch
+        {
+            _ when lat.EndsWith("ns", StringComparison.Ordinal) => (lat[..^2], 1e-9),
+            _ when lat.EndsWith("us", StringComparison.Ordinal) => (lat[..^2], 1e-6),
+            _ when lat.EndsWith("ms", StringComparison.Ordinal) => (lat[..^2], 1e-3),
+            _ when lat.EndsWith('s') => (lat[..^1], 1.0),
+            _ => throw new CliException($"--{name}: latency '{lat}' needs a unit (ns, us, ms or s)"),
+        };
+        var seconds = ParseDouble(name, number) * scale;
+        var rate = SizeParser.Parse(name, parts[1].Trim());
+        if (rate <= 0 || seconds > 3600)
+        {
+            throw new CliException($"--{name}: '{text}' is out of range");
+        }
+        return new DeviceModel(TimeSpan.FromSeconds(seconds), rate);
     }
 
     private static double ParseDouble(string name, string s)

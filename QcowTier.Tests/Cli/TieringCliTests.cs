@@ -111,7 +111,11 @@ public sealed class TieringCliTests : IDisposable
         // The hot megabyte, then (free budget, nothing displaced) clusters read once, up to 10 % of 16 MiB.
         plan.GetProperty("bytes-to-ssd").GetInt64().Should().BeInRange(1L << 20, (16L << 20) / 10);
 
-        CliHarness.Run("rebalance", "apply", img, "--heat", heat, "--ssd-budget", "10%").ExitCode.Should().Be(0);
+        var picture = _dir.File("rb");
+        CliHarness.Run("rebalance", "apply", img, "--heat", heat, "--ssd-budget", "10%", "--picture", picture,
+            "--sequential-run", "8M", "--hdd-model", "10ms,120M").ExitCode.Should().Be(0);
+        File.ReadAllBytes(picture + "-0.png").AsSpan(1, 3).ToArray().Should().Equal((byte)'P', (byte)'N', (byte)'G');
+        CliHarness.Run("rebalance", "plan", img, "--heat", heat, "--ssd-budget", "10%", "--hdd-model", "10").ExitCode.Should().NotBe(0);
         var status = JsonDocument.Parse(CliHarness.Run("tier", "status", "--output=json", img).StdOut).RootElement;
         status.GetProperty("ssd-bytes").GetInt64().Should().BeInRange(1L << 20, (16L << 20) / 10);
         var hot = JsonDocument.Parse(CliHarness.Run("map", "--output=json", "--start-offset=2M", "--max-length=1M", img).StdOut).RootElement;

@@ -14,8 +14,11 @@ public sealed class HeatJsonTests
         doc.RootElement.ValueKind.Should().Be(JsonValueKind.Array);
         return doc.RootElement.EnumerateArray().Select(e =>
         {
-            e.EnumerateObject().Select(p => p.Name).Should().Equal("start", "length", "reads", "writes", "score");
-            return new HeatUnit(e.GetProperty("start").GetInt64(), e.GetProperty("length").GetInt64(), e.GetProperty("reads").GetInt64(), e.GetProperty("writes").GetInt64(), e.GetProperty("score").GetDouble());
+            e.EnumerateObject().Select(p => p.Name).Should().Equal("start", "length", "reads", "writes", "score", "sequential");
+            return new HeatUnit(e.GetProperty("start").GetInt64(), e.GetProperty("length").GetInt64(), e.GetProperty("reads").GetInt64(), e.GetProperty("writes").GetInt64(), e.GetProperty("score").GetDouble())
+            {
+                Sequential = e.TryGetProperty("sequential", out var q) ? q.GetInt64() : -1,
+            };
         }).ToArray();
     }
 

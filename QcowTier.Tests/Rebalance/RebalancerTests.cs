@@ -337,6 +337,95 @@ public sealed class RebalancerTests : IDisposable
         }
     }
 
+    /// <summary>
+    /// 16 MiB scanned front to back 30 times (sequential) and 8 MiB of scattered 4 KiB reads, 10 per
+    /// cluster: by counts alone the scan is hotter.
+    /// </summary>
+    private static HeatMap ScanAndRandom(QcowImage image)
+    {
+        var heat = new HeatMap(image.Size, image.ClusterSize, imageId: image.HeatIdentity);
+        for (var pass = 0; pass < 30; pass++)
+        {
+            for (long o = 0; o < 16 << 20; o += 256 << 10)
+            {
+                heat.RecordRead(o, 128 << 10); // 128 KiB requests: not large enough to count by size alone
+                heat.RecordRead(o + (128 << 10), 128 << 10);
+            }
+        }
+        var rnd = new Random(11);
+        for (var round = 0; round < 10; round++)
+        {
+            foreach (var c in Enumerable.Range(0, 128).OrderBy(_ => rnd.Next()))
+            {
+                heat.RecordRead((32L << 20) + c * (long)Cluster + 4096 * rnd.Next(1, 15), 4096);
+            }
+        }
+        return heat;
+    }
+
+    [Fact]
+    public void Long_sequential_runs_stay_on_hdd_when_the_policy_says_so()
+    {
+        var (image, model) = Filled("seq");
+        using (image)
+        {
+            var heat = ScanAndRandom(image);
+            heat.GetUnit(40).Sequential.Should().Be(heat.GetUnit(40).Reads, "past its first megabyte every pass of the scan rides on the stream");
+            heat.GetUnit(3).Sequential.Should().Be(0, "each pass pays a seek in its first megabyte");
+
+            var byCount = Rebalancer.Plan([new RebalanceInput(image, heat)], new RebalancePolicy { SsdBudgetBytes = 8 << 20 });
+            byCount.Moves.Where(m => m.To == StorageTier.Ssd).Should().OnlyContain(m => m.Start + m.Length <= 16 << 20, "by counts alone the scan is hottest");
+
+            var policy = new RebalancePolicy { SsdBudgetBytes = 8 << 20, SequentialRunBytes = 4 << 20 };
+            var plan = Rebalancer.Plan([new RebalanceInput(image, heat)], policy);
+            plan.Notes.Should().Contain(n => n.Contains("sequential run"));
+            plan.BytesToSsd.Should().Be(8 << 20);
+            plan.Moves.Where(m => m.To == StorageTier.Ssd).Should().OnlyContain(m => m.Start + m.Length <= 1 << 20 || (m.Start >= 32 << 20 && m.Start + m.Length <= 40 << 20),
+                "the randomly read clusters and the scan's first megabyte (a seek each pass) gain from SSD; the rest of the scan is served by HDD bandwidth");
+
+            Rebalancer.Apply(plan, [image]);
+            image.GetPlacement(0, 1 << 20).Should().OnlyContain(e => e.Tier == StorageTier.Ssd);
+            image.GetPlacement(1 << 20, 15 << 20).Should().OnlyContain(e => e.Tier == StorageTier.Hdd);
+            image.GetPlacement(32 << 20, 8 << 20).Where(e => e.Tier == StorageTier.Ssd).Sum(e => e.Length).Should().Be(7 << 20);
+            Rebalancer.Plan([new RebalanceInput(image, heat)], policy).Moves.Should().BeEmpty("a second run on the same heat moves nothing");
+            AssertContent(image, model);
+        }
+    }
+
+    [Fact]
+    public void A_short_sequential_run_is_ranked_by_its_full_heat()
+    {
+        var (image, _) = Filled("short");
+        using (image)
+        {
+            var heat = ScanAndRandom(image);
+            // Runs of 16 MiB are shorter than the 32 MiB the policy asks for: the scan keeps its counts.
+            var plan = Rebalancer.Plan([new RebalanceInput(image, heat)], new RebalancePolicy { SsdBudgetBytes = 8 << 20, SequentialRunBytes = 32 << 20 });
+            plan.Notes.Should().NotContain(n => n.Contains("sequential run"));
+            plan.Moves.Where(m => m.To == StorageTier.Ssd).Should().OnlyContain(m => m.Start + m.Length <= 16 << 20);
+        }
+    }
+
+    [Fact]
+    public void The_projected_placement_is_the_placement_after_apply()
+    {
+        var (image, _) = Filled("proj", StorageTier.Ssd);
+        using (image)
+        {
+            image.Discard(20 << 20, 4 << 20); // a hole the projection must keep
+            var heat = Skewed(image);
+            var plan = Rebalancer.Plan([new RebalanceInput(image, heat)], new RebalancePolicy { SsdBudgetPercent = 10 });
+            plan.Moves.Should().NotBeEmpty();
+            var projected = plan.ProjectPlacement(0, image.GetPlacement());
+            Rebalancer.Apply(plan, [image]);
+            projected.Should().Equal(image.GetPlacement());
+
+            using var png = new MemoryStream();
+            HeatRender.WriteRebalancePicture(png, heat, projected, image.GetPlacement(), 640);
+            png.ToArray().AsSpan(1, 3).ToArray().Should().Equal((byte)'P', (byte)'N', (byte)'G');
+        }
+    }
+
     private sealed class SyncProgress(Action<RebalanceProgress> report) : IProgress<RebalanceProgress>
     {
         public void Report(RebalanceProgress value) => report(value);

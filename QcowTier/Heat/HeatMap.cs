@@ -9,7 +9,15 @@ namespace QcowTier;
 /// <param name="Reads">Read operations that touched the unit, decayed to <see cref="HeatMap.DecayedAt"/>.</param>
 /// <param name="Writes">Write operations that touched the unit, decayed likewise.</param>
 /// <param name="Score">The unit's heat: ReadWeight × reads + WriteWeight × writes.</param>
-public readonly record struct HeatUnit(long Start, long Length, long Reads, long Writes, double Score);
+public readonly record struct HeatUnit(long Start, long Length, long Reads, long Writes, double Score)
+{
+    /// <summary>
+    /// Operations among <see cref="Reads"/> and <see cref="Writes"/> that reached the unit more than a
+    /// megabyte into a sequential stream (one request, or requests each starting where the previous one
+    /// ended): an HDD serves those at its bandwidth, having paid the seek earlier in the stream.
+    /// </summary>
+    public long Sequential { get; init; }
+}
 
 /// <summary>
 /// Per-unit read and write activity of a virtual disk (a unit is one cluster or a power-of-two number
@@ -20,7 +28,9 @@ public readonly record struct HeatUnit(long Start, long Length, long Reads, long
 /// Counts are operations, not bytes: an I/O adds one to every unit it touches. Up to 63 a count is exact;
 /// above, it is a logarithmic counter incremented with the right probability: unbiased, but a single
 /// unit's count scatters by about 20 % (one standard deviation), which ranking tolerates and the
-/// rebalancer's hysteresis absorbs. Exact operation and byte totals are kept per region of 4096 units
+/// rebalancer's hysteresis absorbs. A third counter per unit, kept only for regions that saw any,
+/// counts the operations that reached it deep into a sequential stream, so the rebalancer
+/// can leave long scans on HDD. Exact operation and byte totals are kept per region of 4096 units
 /// and for the whole map. Decay multiplies every count by 2^(-elapsed / half-life) when
 /// <see cref="DecayTo"/> is called. Recording is thread-safe; <see cref="Merge"/>, <see cref="DecayTo"/>
 /// and loading are not, and must not run while the map is recording.
@@ -39,6 +49,7 @@ public sealed class HeatMap : Engine.IIoObserver
     {
         public readonly int[] Reads = new int[PageUnits / 4];  // four one-byte counters per int, for CAS
         public readonly int[] Writes = new int[PageUnits / 4];
+        public int[]? Sequential; // allocated on the region's first sequential I/O: random workloads stay at two bytes a unit
         public long ReadOps;
         public long WriteOps;
         public long ReadBytes;
@@ -46,6 +57,22 @@ public sealed class HeatMap : Engine.IIoObserver
     }
 
     private readonly Page?[] _pages;
+
+    // Recently seen I/O streams: an I/O starting exactly where one ended continues it. A handful of
+    // slots follows as many interleaved streams (a VM's readahead, a backup, a log); races between
+    // threads only blur the heuristic.
+    private const int StreamSlots = 16;
+    private readonly long[] _streamEnds = CreateStreamTable();
+    private readonly long[] _streamLengths = new long[StreamSlots];
+    private int _streamNext;
+
+    /// <summary>
+    /// Bytes into a stream (one request or several continuing each other) after which its units count as
+    /// sequential: about where an HDD's transfer time overtakes its seek (150 MB/s × 8 ms), so a stream's
+    /// first megabyte pays for the seek and the rest rides on bandwidth.
+    /// </summary>
+    internal const long SequentialAfterBytes = 1 << 20;
+
     private long _totalReadOps;
     private long _totalWriteOps;
     private long _totalReadBytes;
@@ -168,7 +195,7 @@ public sealed class HeatMap : Engine.IIoObserver
             {
                 if (p is not null)
                 {
-                    n += 2L * PageUnits + 64;
+                    n += 2L * PageUnits + 64 + (p.Sequential is null ? 0 : PageUnits);
                 }
             }
             return n;
@@ -205,6 +232,7 @@ public sealed class HeatMap : Engine.IIoObserver
         UpdateWindow(ticks);
         var first = offset >> UnitBits;
         var last = (offset + Math.Max(length, 1) - 1) >> UnitBits;
+        var streamed = StreamPosition(offset, length);
         if (write)
         {
             Interlocked.Increment(ref _totalWriteOps);
@@ -232,8 +260,46 @@ public sealed class HeatMap : Engine.IIoObserver
                 Interlocked.Add(ref page.ReadBytes, Math.Max(bytes, 0));
                 Bump(page.Reads, (int)(u & (PageUnits - 1)));
             }
+            if (streamed + Math.Max(0, unitStart - offset) >= SequentialAfterBytes)
+            {
+                Bump(page.Sequential ?? EnsureSequential(page), (int)(u & (PageUnits - 1)));
+            }
         }
     }
+
+    private static long[] CreateStreamTable()
+    {
+        var t = new long[StreamSlots];
+        Array.Fill(t, -1);
+        return t;
+    }
+
+    /// <summary>Bytes of the recent stream this I/O continues (0 when it starts a new one); the I/O joins it.</summary>
+    private long StreamPosition(long offset, long length)
+    {
+        for (var i = 0; i < StreamSlots; i++)
+        {
+            if (offset > 0 && Volatile.Read(ref _streamEnds[i]) == offset)
+            {
+                var before = Volatile.Read(ref _streamLengths[i]);
+                Volatile.Write(ref _streamLengths[i], before + length);
+                Volatile.Write(ref _streamEnds[i], offset + length);
+                return before;
+            }
+        }
+        var slot = Interlocked.Increment(ref _streamNext) & (StreamSlots - 1);
+        Volatile.Write(ref _streamLengths[slot], length);
+        Volatile.Write(ref _streamEnds[slot], offset + length);
+        return 0;
+    }
+
+    private static int[] EnsureSequential(Page page)
+    {
+        var fresh = new int[PageUnits / 4];
+        return Interlocked.CompareExchange(ref page.Sequential, fresh, null) ?? fresh;
+    }
+
+    internal static int[] SequentialOf(Page page) => page.Sequential ?? EnsureSequential(page);
 
     private void UpdateWindow(long ticks)
     {
@@ -315,7 +381,8 @@ public sealed class HeatMap : Engine.IIoObserver
         var i = (int)(unit & (PageUnits - 1));
         var r = HeatCounter.Decode(GetCode(page.Reads, i));
         var w = HeatCounter.Decode(GetCode(page.Writes, i));
-        return new HeatUnit(start, length, r, w, ReadWeight * r + WriteWeight * w);
+        var q = page.Sequential is { } seq ? HeatCounter.Decode(GetCode(seq, i)) : 0;
+        return new HeatUnit(start, length, r, w, ReadWeight * r + WriteWeight * w) { Sequential = Math.Min(q, r + w) };
     }
 
     /// <summary>Every unit with activity, in disk order.</summary>
@@ -382,8 +449,12 @@ public sealed class HeatMap : Engine.IIoObserver
             {
                 continue;
             }
-            foreach (var words in (ReadOnlySpan<int[]>)[page.Reads, page.Writes])
+            foreach (var words in (ReadOnlySpan<int[]?>)[page.Reads, page.Writes, page.Sequential])
             {
+                if (words is null)
+                {
+                    continue;
+                }
                 for (var i = 0; i < PageUnits; i++)
                 {
                     var c = GetCode(words, i);
@@ -428,6 +499,10 @@ public sealed class HeatMap : Engine.IIoObserver
             {
                 AddCode(dst.Reads, src.Reads, i, ref rng);
                 AddCode(dst.Writes, src.Writes, i, ref rng);
+                if (src.Sequential is { } seq)
+                {
+                    AddCode(SequentialOf(dst), seq, i, ref rng);
+                }
             }
             dst.ReadOps += src.ReadOps;
             dst.WriteOps += src.WriteOps;

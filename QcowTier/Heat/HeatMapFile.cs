@@ -12,7 +12,7 @@ namespace QcowTier.Heat;
 internal static class HeatMapFile
 {
     public const ulong Magic = 0x5154484541540000; // "QTHEAT\0\0"
-    public const uint CurrentVersion = 1;
+    public const uint CurrentVersion = 2; // 2 added the sequential count bytes; version 1 files still load
 
     public const int OffsetMagic = 0;
     public const int OffsetVersion = 8;
@@ -33,7 +33,8 @@ internal static class HeatMapFile
     public const int HeaderLength = 144;
 
     public const int PageHeader = 40;          // index, read ops, write ops, read bytes, write bytes
-    public const int PageRecord = PageHeader + 2 * HeatMap.PageUnits;
+    public const int PageRecordV1 = PageHeader + 2 * HeatMap.PageUnits;
+    public const int PageRecord = PageHeader + 3 * HeatMap.PageUnits;
 
     public static void Save(HeatMap map, string path)
     {
@@ -85,6 +86,7 @@ internal static class HeatMapFile
                     {
                         record[PageHeader + i] = HeatMap.GetCode(page.Reads, i);
                         record[PageHeader + HeatMap.PageUnits + i] = HeatMap.GetCode(page.Writes, i);
+                        record[PageHeader + 2 * HeatMap.PageUnits + i] = page.Sequential is { } seq ? HeatMap.GetCode(seq, i) : (byte)0;
                     }
                     sha.AppendData(record);
                     fs.Write(record);
@@ -117,10 +119,11 @@ internal static class HeatMapFile
             ThrowHelper.Format(path, OffsetMagic, "magic", "not a QcowTier heat map (bad magic)");
         }
         var version = BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(OffsetVersion));
-        if (version != CurrentVersion)
+        if (version is not (1 or CurrentVersion))
         {
-            ThrowHelper.Unsupported(path, OffsetVersion, "version", $"heat map version {version} is not supported (this QcowTier reads version {CurrentVersion})");
+            ThrowHelper.Unsupported(path, OffsetVersion, "version", $"heat map version {version} is not supported (this QcowTier reads versions 1 and {CurrentVersion})");
         }
+        var recordLength = version == 1 ? PageRecordV1 : PageRecord;
         var unitBits = (int)BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(OffsetUnitBits));
         var clusterBits = (int)BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(OffsetClusterBits));
         var size = BinaryPrimitives.ReadInt64BigEndian(header.AsSpan(OffsetVirtualSize));
@@ -143,9 +146,9 @@ internal static class HeatMapFile
             throw new QcowFormatException($"the heat map belongs to image {id}, not to this image ({want})", path, OffsetImageId, "image id");
         }
         var pageCount = BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(OffsetPageCount));
-        if (fs.Length != HeaderLength + (long)pageCount * PageRecord)
+        if (fs.Length != HeaderLength + (long)pageCount * recordLength)
         {
-            ThrowHelper.Corrupt(path, OffsetPageCount, "page count", $"{pageCount} regions need {HeaderLength + (long)pageCount * PageRecord} bytes; the file has {fs.Length} (truncated or padded)");
+            ThrowHelper.Corrupt(path, OffsetPageCount, "page count", $"{pageCount} regions need {HeaderLength + (long)pageCount * recordLength} bytes; the file has {fs.Length} (truncated or padded)");
         }
         HeatMap map;
         try
@@ -162,7 +165,7 @@ internal static class HeatMapFile
         }
         using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         sha.AppendData(header, 0, OffsetChecksum);
-        var record = new byte[PageRecord];
+        var record = new byte[recordLength];
         var seen = new HashSet<long>();
         for (var n = 0; n < pageCount; n++)
         {
@@ -183,6 +186,14 @@ internal static class HeatMapFile
             {
                 HeatMap.SetCode(page.Reads, i, record[PageHeader + i]);
                 HeatMap.SetCode(page.Writes, i, record[PageHeader + HeatMap.PageUnits + i]);
+            }
+            if (version >= 2 && record.AsSpan(PageHeader + 2 * HeatMap.PageUnits, HeatMap.PageUnits).ContainsAnyExcept((byte)0))
+            {
+                var seq = HeatMap.SequentialOf(page);
+                for (var i = 0; i < HeatMap.PageUnits; i++)
+                {
+                    HeatMap.SetCode(seq, i, record[PageHeader + 2 * HeatMap.PageUnits + i]);
+                }
             }
         }
         if (!sha.GetHashAndReset().AsSpan().SequenceEqual(header.AsSpan(OffsetChecksum, 32)))

@@ -92,6 +92,62 @@ public sealed class RebalancePlan
         return sb.ToString();
     }
 
+    /// <summary>
+    /// The placement an image will have once the plan is applied: allocated extents inside a move take
+    /// its tier, everything else stays (for a before/after picture of a plan not yet applied).
+    /// </summary>
+    /// <param name="image">The image's position among the plan's inputs.</param>
+    /// <param name="placement">Its placement now (<see cref="QcowImage.GetPlacement"/>), in disk order.</param>
+    /// <returns>The projected placement, in disk order, neighbours of one tier merged.</returns>
+    public IReadOnlyList<TierExtent> ProjectPlacement(int image, IReadOnlyList<TierExtent> placement)
+    {
+        ArgumentNullException.ThrowIfNull(placement);
+        ArgumentOutOfRangeException.ThrowIfNegative(image);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(image, ImageIds.Count);
+        var moves = Moves.Where(m => m.Image == image).OrderBy(m => m.Start).ToList();
+        var result = new List<TierExtent>(placement.Count + 2 * moves.Count);
+        void Add(long start, long length, StorageTier? tier)
+        {
+            if (length <= 0)
+            {
+                return;
+            }
+            if (result.Count > 0 && result[^1].Tier == tier && result[^1].Start + result[^1].Length == start)
+            {
+                result[^1] = result[^1] with { Length = result[^1].Length + length };
+                return;
+            }
+            result.Add(new TierExtent(start, length, tier));
+        }
+        var m = 0;
+        foreach (var e in placement)
+        {
+            var pos = e.Start;
+            var end = e.Start + e.Length;
+            while (pos < end)
+            {
+                while (m < moves.Count && moves[m].Start + moves[m].Length <= pos)
+                {
+                    m++;
+                }
+                if (e.Tier is null || m == moves.Count || moves[m].Start >= end)
+                {
+                    Add(pos, end - pos, e.Tier);
+                    break;
+                }
+                if (moves[m].Start > pos)
+                {
+                    Add(pos, moves[m].Start - pos, e.Tier);
+                    pos = moves[m].Start;
+                }
+                var stop = Math.Min(end, moves[m].Start + moves[m].Length);
+                Add(pos, stop - pos, moves[m].To);
+                pos = stop;
+            }
+        }
+        return result;
+    }
+
     internal static string Size(long b) => b switch
     {
         >= 1L << 30 => $"{b / (double)(1L << 30):F2} GiB",

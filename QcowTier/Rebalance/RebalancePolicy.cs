@@ -49,8 +49,9 @@ public sealed class RebalancePolicy
     public double WriteWeight { get; init; } = 1;
 
     /// <summary>
-    /// Units read mostly sequentially in runs at least this long may stay on HDD, whose bandwidth serves
-    /// them well (judged from neighbouring units of similar heat). Null to disable.
+    /// Runs of neighbouring units at least this long whose I/O was mostly sequential (see
+    /// <see cref="HeatUnit.Sequential"/>) are ranked by their random I/O only, so long scans stay on HDD,
+    /// whose bandwidth serves them well. Null (the default) ranks every unit by its whole score.
     /// </summary>
     public long? SequentialRunBytes { get; init; }
 

@@ -16,20 +16,27 @@ public static class Rebalancer
 {
     private struct Unit
     {
-        public int Image;
         public long Index;     // unit index in the image's heat map
         public float Score;
         public float Reads;
         public float Writes;
+        public float Sequential;
         public int SsdBytes;   // allocated bytes of the unit on each tier
         public int HddBytes;
+        public int Image;
         public bool Pinned;
     }
+
+    private const byte Stay = 0, ToSsd = 1, ToHdd = 2;
 
     /// <summary>Plans moves for one or more images.</summary>
     /// <param name="inputs">The images and their heat maps.</param>
     /// <param name="policy">Budget, hysteresis, caps and weights.</param>
     /// <returns>The plan.</returns>
+    /// <remarks>
+    /// Time and memory are linear in the allocated units: every ordering is a stable radix sort on the
+    /// score's bits (ties keep disk order), and moves are marked in an array and read back in disk order.
+    /// </remarks>
     public static RebalancePlan Plan(IReadOnlyList<RebalanceInput> inputs, RebalancePolicy policy)
     {
         ArgumentNullException.ThrowIfNull(inputs);
@@ -55,23 +62,31 @@ public static class Rebalancer
             }
             CollectUnits(i, image, heat, policy, units);
         }
+        var all = System.Runtime.InteropServices.CollectionsMarshal.AsSpan(units);
+        if (policy.SequentialRunBytes is { } runBytes)
+        {
+            DiscountSequentialRuns(all, inputs, runBytes, notes);
+        }
 
         var pools = policy.SharedBudget
             ? [(Members: Enumerable.Range(0, inputs.Count).ToArray(), Budget: policy.SsdBudgetBytes ?? budgets.Sum())]
             : Enumerable.Range(0, inputs.Count).Select(i => (Members: new[] { i }, Budget: budgets[i])).ToArray();
 
-        var before = Predict(units, policy, null);
-        var (skewed, top20) = Skew(units, policy.MinimumSkew);
+        // The global heat order (hottest first, ties in disk order) gives every unit its rank and the skew.
+        var hottestFirst = Order(all, null, descending: true);
+        var rank = new int[all.Length];
+        for (var i = 0; i < hottestFirst.Length; i++)
+        {
+            rank[hottestFirst[i]] = i + 1;
+        }
+        var before = Predict(all, policy, null);
+        var (skewed, top20) = Skew(all, hottestFirst, policy.MinimumSkew);
         if (!skewed)
         {
             notes.Add($"the hottest 20% of the allocated data serves {top20:P0} of the I/O (threshold {policy.MinimumSkew:P0}): the workload has no skew worth tiering for; only budget overruns are corrected");
         }
-        if (policy.SequentialRunBytes is not null)
-        {
-            notes.Add("sequential-run detection needs per-I/O traces; heat maps keep counts only, so every unit is ranked by its score");
-        }
 
-        var moves = new List<(int Unit, StorageTier To)>();
+        var target = new byte[all.Length];
         long moveBytes = 0;
         var capHit = false;
         foreach (var (members, budget) in pools)
@@ -84,9 +99,9 @@ public static class Rebalancer
             long used = 0;
             var residentList = new List<int>();
             var contenderList = new List<int>();
-            for (var u = 0; u < units.Count; u++)
+            for (var u = 0; u < all.Length; u++)
             {
-                var unit = units[u];
+                ref readonly var unit = ref all[u];
                 if (!inPool[unit.Image])
                 {
                     continue;
@@ -105,9 +120,9 @@ public static class Rebalancer
                     contenderList.Add(u);
                 }
             }
-            // Coldest residents first, hottest contenders first; ties by disk order (units are in disk order).
-            var residents = SortByScore(units, residentList, descending: false);
-            var contenders = SortByScore(units, contenderList, descending: true);
+            // Coldest residents first, hottest contenders first; ties by disk order.
+            var residents = Order(all, residentList, descending: false);
+            var contenders = Order(all, contenderList, descending: true);
             var r = 0;
 
             bool Fits(long bytes)
@@ -121,16 +136,16 @@ public static class Rebalancer
             }
 
             // Over budget: demote the coldest residents whatever their heat.
-            while (used > budget && r < residents.Count)
+            while (used > budget && r < residents.Length)
             {
                 var d = residents[r++];
-                if (!Fits(units[d].SsdBytes))
+                if (!Fits(all[d].SsdBytes))
                 {
                     break;
                 }
-                moves.Add((d, StorageTier.Hdd));
-                moveBytes += units[d].SsdBytes;
-                used -= units[d].SsdBytes;
+                target[d] = ToHdd;
+                moveBytes += all[d].SsdBytes;
+                used -= all[d].SsdBytes;
             }
             if (used > budget)
             {
@@ -142,43 +157,40 @@ public static class Rebalancer
             }
             foreach (var c in contenders)
             {
-                var need = (long)units[c].HddBytes;
+                var need = (long)all[c].HddBytes;
                 if (used + need <= budget)
                 {
                     if (!Fits(need))
                     {
                         break;
                     }
-                    moves.Add((c, StorageTier.Ssd));
+                    target[c] = ToSsd;
                     moveBytes += need;
                     used += need;
                     continue;
                 }
                 // Make room by displacing residents that are clearly colder than the contender.
-                var take = new List<int>();
                 long freed = 0;
                 var rr = r;
-                while (used + need - freed > budget && rr < residents.Count)
+                while (used + need - freed > budget && rr < residents.Length)
                 {
                     var d = residents[rr];
-                    if (units[d].Score * policy.Hysteresis + policy.MinimumScoreGap >= units[c].Score)
+                    if (all[d].Score * policy.Hysteresis + policy.MinimumScoreGap >= all[c].Score)
                     {
                         break;
                     }
-                    take.Add(d);
-                    freed += units[d].SsdBytes;
+                    freed += all[d].SsdBytes;
                     rr++;
                 }
                 if (used + need - freed > budget || !Fits(need + freed))
                 {
                     break; // every later contender is colder still
                 }
-                foreach (var d in take)
+                for (; r < rr; r++)
                 {
-                    moves.Add((d, StorageTier.Hdd));
+                    target[residents[r]] = ToHdd;
                 }
-                r = rr;
-                moves.Add((c, StorageTier.Ssd));
+                target[c] = ToSsd;
                 moveBytes += need + freed;
                 used += need - freed;
             }
@@ -187,33 +199,18 @@ public static class Rebalancer
         {
             notes.Add($"the move cap of {RebalancePlan.Size(policy.MaxMoveBytes!.Value)} stopped the plan early; run again to continue");
         }
-        var pinnedBytes = units.Where(u => u.Pinned).Sum(u => (long)u.SsdBytes + u.HddBytes);
+        long pinnedBytes = 0;
+        foreach (ref readonly var u in all)
+        {
+            pinnedBytes += u.Pinned ? (long)u.SsdBytes + u.HddBytes : 0;
+        }
         if (pinnedBytes > 0)
         {
             notes.Add($"{RebalancePlan.Size(pinnedBytes)} of pinned data stays where its pins say");
         }
 
-        var target = new Dictionary<int, StorageTier>(moves.Count);
-        foreach (var (unit, to) in moves)
-        {
-            target[unit] = to;
-        }
-        var after = Predict(units, policy, target);
-        // Rank = position in the global heat order (1 = hottest), from one array sort.
-        var order = new int[units.Count];
-        var keys = new float[units.Count];
-        for (var i = 0; i < order.Length; i++)
-        {
-            order[i] = i;
-            keys[i] = -units[i].Score;
-        }
-        Array.Sort(keys, order);
-        var rank = new long[units.Count];
-        for (var i = 0; i < order.Length; i++)
-        {
-            rank[order[i]] = i + 1;
-        }
-        var planned = Coalesce(inputs, units, moves, rank);
+        var after = Predict(all, policy, target);
+        var planned = Coalesce(inputs, all, target, rank);
         var totalBytes = planned.Sum(m => m.Bytes);
         var seconds = planned.Sum(m => m.Bytes / Math.Min(policy.Ssd.BytesPerSecond, policy.Hdd.BytesPerSecond)
             + (m.To == StorageTier.Ssd ? policy.Hdd.Latency : policy.Ssd.Latency).TotalSeconds);
@@ -228,27 +225,71 @@ public static class Rebalancer
         };
     }
 
-    private static List<int> SortByScore(List<Unit> units, List<int> indices, bool descending)
+    /// <summary>
+    /// Units of (or among) the given indices ordered by score, stable (equal scores keep disk order):
+    /// an LSD radix sort on the float's bits, which order like the values for the non-negative scores.
+    /// </summary>
+    private static int[] Order(ReadOnlySpan<Unit> units, List<int>? subset, bool descending)
     {
-        var keys = new float[indices.Count];
-        var items = indices.ToArray();
-        for (var i = 0; i < items.Length; i++)
+        var n = subset?.Count ?? units.Length;
+        var items = new int[n];
+        var keys = new uint[n];
+        for (var i = 0; i < n; i++)
         {
-            keys[i] = descending ? -units[items[i]].Score : units[items[i]].Score;
+            var u = subset is null ? i : subset[i];
+            items[i] = u;
+            var bits = BitConverter.SingleToUInt32Bits(Math.Max(0f, units[u].Score) + 0f); // +0f: no negative zero
+            keys[i] = descending ? ~bits : bits;
         }
-        // Array.Sort is not stable: sort by (score, position) so equal scores keep disk order.
-        var order = new long[items.Length];
-        for (var i = 0; i < order.Length; i++)
+        RadixSort(keys, items);
+        return items;
+    }
+
+    /// <summary>Stable LSD radix sort of <paramref name="items"/> by <paramref name="keys"/>, 11 bits a pass, skipping passes where every key shares the digit.</summary>
+    internal static void RadixSort(uint[] keys, int[] items)
+    {
+        const int Bits = 11, Buckets = 1 << Bits;
+        var n = keys.Length;
+        if (n < 2)
         {
-            order[i] = i;
+            return;
         }
-        Array.Sort(order, (a, b) => keys[a] != keys[b] ? keys[a].CompareTo(keys[b]) : a.CompareTo(b));
-        var result = new List<int>(items.Length);
-        foreach (var o in order)
+        var (origKeys, origItems) = (keys, items);
+        var k2 = new uint[n];
+        var i2 = new int[n];
+        var count = new int[Buckets];
+        for (var shift = 0; shift < 32; shift += Bits)
         {
-            result.Add(items[o]);
+            Array.Clear(count);
+            foreach (var k in keys)
+            {
+                count[(int)((k >> shift) & (Buckets - 1))]++;
+            }
+            if (count[(int)((keys[0] >> shift) & (Buckets - 1))] == n)
+            {
+                continue; // every key has this digit: the pass would not move anything
+            }
+            var sum = 0;
+            for (var b = 0; b < Buckets; b++)
+            {
+                var c = count[b];
+                count[b] = sum;
+                sum += c;
+            }
+            for (var i = 0; i < n; i++)
+            {
+                var pos = count[(int)((keys[i] >> shift) & (Buckets - 1))]++;
+                k2[pos] = keys[i];
+                i2[pos] = items[i];
+            }
+            (keys, k2) = (k2, keys);
+            (items, i2) = (i2, items);
         }
-        return result;
+        if (!ReferenceEquals(items, origItems))
+        {
+            keys.AsSpan().CopyTo(origKeys);
+            items.AsSpan().CopyTo(origItems);
+        }
     }
 
     private static void Validate(QcowImage image, HeatMap heat, int i)
@@ -278,7 +319,14 @@ public static class Rebalancer
         var pins = img.GetTierPins();
         var pin = 0;
         var last = -1L;
-        foreach (var ext in img.GetPlacement())
+        var placement = img.GetPlacement();
+        long allocated = 0;
+        foreach (var ext in placement)
+        {
+            allocated += ext.Tier is null ? 0 : ext.Length;
+        }
+        units.EnsureCapacity((int)Math.Min(Array.MaxLength, units.Count + (allocated >> unitBits) + placement.Count + 1));
+        foreach (var ext in placement)
         {
             if (ext.Tier is not { } tier)
             {
@@ -303,6 +351,7 @@ public static class Rebalancer
                         Index = u,
                         Reads = h.Reads,
                         Writes = h.Writes,
+                        Sequential = h.Sequential,
                         Score = (float)(policy.ReadWeight * h.Reads + policy.WriteWeight * h.Writes),
                         Pinned = pin < pins.Count && pins[pin].Start < start + unitSize,
                     });
@@ -321,17 +370,63 @@ public static class Rebalancer
         }
     }
 
-    private static (bool Skewed, double Top20) Skew(List<Unit> units, double minimum)
+    /// <summary>
+    /// Long runs of units whose I/O was mostly sequential keep only the score of their random share: an
+    /// HDD streams them at its bandwidth, so SSD space buys them little (the device model's latency gap
+    /// is what a promotion wins, and a scan pays it once per stream, not per unit).
+    /// </summary>
+    private static void DiscountSequentialRuns(Span<Unit> units, IReadOnlyList<RebalanceInput> inputs, long runBytes, List<string> notes)
     {
-        var total = units.Sum(u => (double)u.Score);
+        static bool Streamed(in Unit u) => u.Reads + u.Writes > 0 && u.Sequential * 2 >= u.Reads + u.Writes;
+        long discounted = 0, runs = 0;
+        for (var i = 0; i < units.Length;)
+        {
+            if (!Streamed(units[i]))
+            {
+                i++;
+                continue;
+            }
+            var j = i + 1;
+            while (j < units.Length && units[j].Image == units[i].Image && units[j].Index == units[j - 1].Index + 1 && Streamed(units[j]))
+            {
+                j++;
+            }
+            var unitSize = inputs[units[i].Image].Heat.UnitSize;
+            if ((j - i) * unitSize >= runBytes)
+            {
+                runs++;
+                for (var k = i; k < j; k++)
+                {
+                    ref var u = ref units[k];
+                    var total = u.Reads + u.Writes;
+                    u.Score *= Math.Clamp(1 - u.Sequential / total, 0, 1);
+                    discounted += u.SsdBytes + u.HddBytes;
+                }
+            }
+            i = j;
+        }
+        if (runs > 0)
+        {
+            notes.Add($"{RebalancePlan.Size(discounted)} in {runs} sequential run(s) of at least {RebalancePlan.Size(runBytes)} ranked by their random I/O only: HDD bandwidth serves the scans");
+        }
+    }
+
+    private static (bool Skewed, double Top20) Skew(ReadOnlySpan<Unit> units, int[] hottestFirst, double minimum)
+    {
+        double total = 0, bytes = 0;
+        foreach (ref readonly var u in units)
+        {
+            total += u.Score;
+            bytes += (double)u.SsdBytes + u.HddBytes;
+        }
         if (total <= 0)
         {
             return (false, 0);
         }
-        var bytes = units.Sum(u => (double)u.SsdBytes + u.HddBytes);
         double acc = 0, share = 0;
-        foreach (var u in units.OrderByDescending(u => u.Score))
+        foreach (var i in hottestFirst)
         {
+            ref readonly var u = ref units[i];
             var b = u.SsdBytes + u.HddBytes;
             var take = Math.Min(b, bytes * 0.2 - acc);
             if (take <= 0)
@@ -345,19 +440,20 @@ public static class Rebalancer
         return (top >= minimum, top);
     }
 
-    private static PlacementPrediction Predict(List<Unit> units, RebalancePolicy policy, Dictionary<int, StorageTier>? moves)
+    private static PlacementPrediction Predict(ReadOnlySpan<Unit> units, RebalancePolicy policy, byte[]? target)
     {
         double reads = 0, writes = 0, ssdReads = 0, ssdWrites = 0;
         long ssdBytes = 0;
-        for (var i = 0; i < units.Count; i++)
+        for (var i = 0; i < units.Length; i++)
         {
-            var u = units[i];
+            ref readonly var u = ref units[i];
             double total = u.SsdBytes + u.HddBytes;
-            var ssd = u.SsdBytes;
-            if (moves is not null && moves.TryGetValue(i, out var to))
+            var ssd = (target?[i] ?? Stay) switch
             {
-                ssd = to == StorageTier.Ssd ? u.SsdBytes + u.HddBytes : 0;
-            }
+                ToSsd => u.SsdBytes + u.HddBytes,
+                ToHdd => 0,
+                _ => u.SsdBytes,
+            };
             var frac = total == 0 ? 0 : ssd / total;
             reads += u.Reads;
             writes += u.Writes;
@@ -371,63 +467,66 @@ public static class Rebalancer
         return new PlacementPrediction(rs, ws, ssdBytes, latency);
     }
 
-    /// <summary>Merges moves of neighbouring units of one image going the same way into one range.</summary>
-    private static List<PlannedMove> Coalesce(IReadOnlyList<RebalanceInput> inputs, List<Unit> units, List<(int Unit, StorageTier To)> moves, long[] rank)
+    /// <summary>
+    /// The marked moves as ranges: demotions first (they make room), then promotions, each in image and
+    /// disk order (the order units were collected in), neighbours going the same way merged.
+    /// </summary>
+    private static List<PlannedMove> Coalesce(IReadOnlyList<RebalanceInput> inputs, ReadOnlySpan<Unit> units, byte[] target, int[] rank)
     {
-        // Demotions first (they make room), then by image and offset: one array sort on a packed key.
-        var keys = new long[moves.Count];
-        var order = new int[moves.Count];
-        for (var i = 0; i < moves.Count; i++)
-        {
-            var u = units[moves[i].Unit];
-            keys[i] = ((moves[i].To == StorageTier.Ssd ? 1L : 0L) << 62) | ((long)u.Image << 46) | u.Index;
-            order[i] = i;
-        }
-        Array.Sort(keys, order);
         var result = new List<PlannedMove>();
-        var open = false;
-        int image = 0, bestUnit = 0;
-        StorageTier to = default;
-        long start = 0, end = 0, bytes = 0, lastIndex = -2;
-        double best = 0;
-        void Close()
+        foreach (var dir in (ReadOnlySpan<byte>)[ToHdd, ToSsd])
         {
+            var to = dir == ToSsd ? StorageTier.Ssd : StorageTier.Hdd;
+            var open = false;
+            int image = 0, bestUnit = 0;
+            long start = 0, end = 0, bytes = 0, lastIndex = -2;
+            float best = 0;
+            for (var ui = 0; ui < units.Length; ui++)
+            {
+                if (target[ui] != dir)
+                {
+                    continue;
+                }
+                ref readonly var unit = ref units[ui];
+                var heat = inputs[unit.Image].Heat;
+                var unitStart = unit.Index << heat.UnitBits;
+                var unitEnd = Math.Min(unitStart + heat.UnitSize, inputs[unit.Image].Image.Size);
+                var b = dir == ToSsd ? unit.HddBytes : unit.SsdBytes;
+                if (open && unit.Image == image && unit.Index == lastIndex + 1)
+                {
+                    end = unitEnd;
+                    bytes += b;
+                    if (dir == ToSsd ? unit.Score > best : unit.Score < best)
+                    {
+                        best = unit.Score;
+                        bestUnit = ui;
+                    }
+                }
+                else
+                {
+                    if (open)
+                    {
+                        result.Add(Move(image, start, end, bytes, to, best, rank[bestUnit]));
+                    }
+                    open = true;
+                    (image, start, end, bytes, best, bestUnit) = (unit.Image, unitStart, unitEnd, b, unit.Score, ui);
+                }
+                lastIndex = unit.Index;
+            }
             if (open)
             {
-                var reason = to == StorageTier.Ssd
-                    ? $"hot: score {best:G4}, rank {rank[bestUnit]}"
-                    : $"cold: score {best:G4}, rank {rank[bestUnit]}; makes room or enforces the budget";
-                result.Add(new PlannedMove(image, start, end - start, bytes, to, best, rank[bestUnit], reason));
+                result.Add(Move(image, start, end, bytes, to, best, rank[bestUnit]));
             }
         }
-        foreach (var i in order)
-        {
-            var (ui, dir) = moves[i];
-            var unit = units[ui];
-            var heat = inputs[unit.Image].Heat;
-            var unitStart = unit.Index << heat.UnitBits;
-            var unitEnd = Math.Min(unitStart + heat.UnitSize, inputs[unit.Image].Image.Size);
-            var b = dir == StorageTier.Ssd ? unit.HddBytes : unit.SsdBytes;
-            if (open && dir == to && unit.Image == image && unit.Index == lastIndex + 1)
-            {
-                end = unitEnd;
-                bytes += b;
-                if (dir == StorageTier.Ssd ? unit.Score > best : unit.Score < best)
-                {
-                    best = unit.Score;
-                    bestUnit = ui;
-                }
-            }
-            else
-            {
-                Close();
-                open = true;
-                (image, to, start, end, bytes, best, bestUnit) = (unit.Image, dir, unitStart, unitEnd, b, unit.Score, ui);
-            }
-            lastIndex = unit.Index;
-        }
-        Close();
         return result;
+
+        static PlannedMove Move(int image, long start, long end, long bytes, StorageTier to, double best, long rank)
+        {
+            var reason = to == StorageTier.Ssd
+                ? $"hot: score {best:G4}, rank {rank}"
+                : $"cold: score {best:G4}, rank {rank}; makes room or enforces the budget";
+            return new PlannedMove(image, start, end - start, bytes, to, best, rank, reason);
+        }
     }
 
     /// <summary>

@@ -8,7 +8,8 @@ public static class HeatJson
 {
     /// <summary>
     /// Writes the touched units as a JSON array, hottest first (ties: lower offset first), each an object
-    /// <c>{"start": guest byte, "length": bytes, "reads": operations, "writes": operations, "score": heat}</c>.
+    /// <c>{"start": guest byte, "length": bytes, "reads": operations, "writes": operations, "score": heat,
+    /// "sequential": operations that continued a stream}</c>.
     /// </summary>
     /// <param name="output">Receives UTF-8 JSON.</param>
     /// <param name="map">The heat map; it is read, not changed.</param>
@@ -32,6 +33,7 @@ public static class HeatJson
             w.WriteNumber("reads"u8, unit.Reads);
             w.WriteNumber("writes"u8, unit.Writes);
             w.WriteNumber("score"u8, unit.Score);
+            w.WriteNumber("sequential"u8, unit.Sequential);
             w.WriteEndObject();
         }
         w.WriteEndArray();

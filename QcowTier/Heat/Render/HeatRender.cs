@@ -41,7 +41,25 @@ public static class HeatRender
     public static void WriteHeatStrip(Stream output, HeatMap map, IReadOnlyList<TierExtent>? placement = null, int width = 1024)
     {
         ArgumentNullException.ThrowIfNull(output);
-        PngWriter.Write(output, RenderHeatStrip(map, placement, width));
+        PngWriter.Write(output, RenderHeatStrip(map, placement is null ? [] : [("TIER", placement)], width));
+    }
+
+    /// <summary>
+    /// Writes a rebalance picture: the heat strip over two tier strips, the placement before and after a
+    /// rebalance (for a plan, <see cref="RebalancePlan.ProjectPlacement"/> gives the predicted after), so
+    /// hot columns turning SSD-blue and cold ones HDD-brown show at a glance what moved.
+    /// </summary>
+    /// <param name="output">Receives the PNG.</param>
+    /// <param name="map">The heat map.</param>
+    /// <param name="before">The placement before.</param>
+    /// <param name="after">The placement after (or as planned).</param>
+    /// <param name="width">Picture width in pixels (320 to 8192).</param>
+    public static void WriteRebalancePicture(Stream output, HeatMap map, IReadOnlyList<TierExtent> before, IReadOnlyList<TierExtent> after, int width = 1024)
+    {
+        ArgumentNullException.ThrowIfNull(output);
+        ArgumentNullException.ThrowIfNull(before);
+        ArgumentNullException.ThrowIfNull(after);
+        PngWriter.Write(output, RenderHeatStrip(map, [("BEFORE", before), ("AFTER", after)], width));
     }
 
     /// <summary>Writes a heat strip with the tier strip of an open image (see the other overload).</summary>
@@ -71,15 +89,21 @@ public static class HeatRender
     }
 
     /// <summary>Where the strips lie; the legend below them flows into as many rows as the width needs.</summary>
-    internal readonly record struct StripLayout(int X0, int X1, int HeatY, int TierY, int AxisY);
+    internal readonly record struct StripLayout(int X0, int X1, int HeatY, int TierY, int AxisY)
+    {
+        /// <summary>Top of the k-th tier strip.</summary>
+        public int TierStripY(int k) => TierY + k * (TierStripHeight + 6);
+    }
 
-    internal static StripLayout LayoutStrip(int width, bool tiers)
+    internal static StripLayout LayoutStrip(int width, bool tiers) => LayoutStrip(width, tiers ? 1 : 0, "HEAT");
+
+    internal static StripLayout LayoutStrip(int width, int tierStrips, string widestLabel)
     {
         var th = Canvas.TextHeight(Scale);
-        var x0 = Pad + Canvas.TextWidth("HEAT", Scale) + 12;
+        var x0 = Pad + Math.Max(Canvas.TextWidth("HEAT", Scale), Canvas.TextWidth(widestLabel, Scale)) + 12;
         var heatY = Pad + th + 12;
         var tierY = heatY + HeatStripHeight + 6;
-        var axisY = tiers ? tierY + TierStripHeight : heatY + HeatStripHeight;
+        var axisY = tierStrips > 0 ? tierY + tierStrips * (TierStripHeight + 6) - 6 : heatY + HeatStripHeight;
         return new StripLayout(x0, width - Pad, heatY, tierY, axisY);
     }
 
@@ -123,12 +147,13 @@ public static class HeatRender
         return at;
     }
 
-    internal static Canvas RenderHeatStrip(HeatMap map, IReadOnlyList<TierExtent>? placement, int width)
+    internal static Canvas RenderHeatStrip(HeatMap map, IReadOnlyList<(string Label, IReadOnlyList<TierExtent> Placement)> tiers, int width)
     {
         ArgumentNullException.ThrowIfNull(map);
         ArgumentOutOfRangeException.ThrowIfLessThan(width, 320);
         ArgumentOutOfRangeException.ThrowIfGreaterThan(width, Canvas.MaxSide);
-        var layout = LayoutStrip(width, placement is not null);
+        var widest = tiers.Select(t => t.Label).DefaultIfEmpty("HEAT").MaxBy(l => Canvas.TextWidth(l, Scale))!;
+        var layout = LayoutStrip(width, tiers.Count, widest);
         var sw = layout.X1 - layout.X0;
         var vs = Math.Max(1, map.VirtualSize);
         var th = Canvas.TextHeight(Scale);
@@ -171,7 +196,7 @@ public static class HeatRender
             Label(string.Format(inv, "(log scale, max {0:0.##})", max), layout.X1 - Pad),
             Swatch(Untouched, "untouched"),
         };
-        if (placement is not null)
+        if (tiers.Count > 0)
         {
             legend.Add(Swatch(SsdColor, "SSD") with { NewRow = true });
             legend.Add(Swatch(HddColor, "HDD"));
@@ -193,11 +218,12 @@ public static class HeatRender
         var title = string.Format(inv, "Heat: {0} in {1} units of {2}, {3} touched", FormatBytes(map.VirtualSize), map.UnitCount, FormatBytes(map.UnitSize), touched);
         c.Text(Pad, Pad, Fit(title, width - 2 * Pad), Ink, Scale);
 
-        if (placement is not null)
+        for (var k = 0; k < tiers.Count; k++)
         {
-            DrawTiers(c, placement, layout, vs, sw);
-            c.Rect(layout.X0 - 1, layout.TierY - 1, sw + 2, TierStripHeight + 2, Ink);
-            c.Text(Pad, layout.TierY + (TierStripHeight - th) / 2, "TIER", Ink, Scale);
+            var y = layout.TierStripY(k);
+            DrawTiers(c, tiers[k].Placement, layout.X0, y, vs, sw);
+            c.Rect(layout.X0 - 1, y - 1, sw + 2, TierStripHeight + 2, Ink);
+            c.Text(Pad, y + (TierStripHeight - th) / 2, tiers[k].Label, Ink, Scale);
         }
 
         // Offsets at the quarters of the disk: the ends always, the others where they do not collide.
@@ -240,7 +266,7 @@ public static class HeatRender
         return c;
     }
 
-    private static void DrawTiers(Canvas c, IReadOnlyList<TierExtent> placement, StripLayout layout, long vs, int sw)
+    private static void DrawTiers(Canvas c, IReadOnlyList<TierExtent> placement, int x0, int y, long vs, int sw)
     {
         // Bytes of each kind under each column, so a column half on SSD shows half SSD's colour.
         var ssd = new double[sw];
@@ -279,7 +305,7 @@ public static class HeatRender
                 double b = (ssd[x] * SsdColor.B + hdd[x] * HddColor.B + none[x] * UnallocatedColor.B) / total;
                 color = new Rgb((byte)Math.Round(r), (byte)Math.Round(g), (byte)Math.Round(b));
             }
-            c.Fill(layout.X0 + x, layout.TierY, 1, TierStripHeight, color);
+            c.Fill(x0 + x, y, 1, TierStripHeight, color);
         }
     }
 
