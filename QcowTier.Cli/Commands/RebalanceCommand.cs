@@ -222,6 +222,8 @@ internal sealed class RebalanceCommand : Command
                 w.WriteString("to", TierCommand.TierName(m.To));
                 w.WriteNumber("score", m.Score);
                 w.WriteNumber("rank", m.Rank);
+                w.WriteNumber("cost-seconds", m.Cost.TotalSeconds);
+                w.WriteNumber("benefit-seconds", m.Benefit.TotalSeconds);
                 w.WriteString("reason", m.Reason);
                 w.WriteEndObject();
             }

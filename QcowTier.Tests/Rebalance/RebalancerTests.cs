@@ -64,6 +64,8 @@ public sealed class RebalancerTests : IDisposable
             plan.Moves.Should().NotBeEmpty();
             plan.After.ReadShare.Should().BeGreaterThan(plan.Before.ReadShare);
             plan.Explain().Should().Contain("Reads served by SSD");
+            plan.Moves.Should().OnlyContain(m => m.Cost > TimeSpan.Zero && (m.To == StorageTier.Ssd ? m.Benefit > TimeSpan.Zero : m.Benefit <= TimeSpan.Zero));
+            plan.EstimatedDuration.Should().BeCloseTo(TimeSpan.FromTicks(plan.Moves.Sum(m => m.Cost.Ticks)), TimeSpan.FromMilliseconds(1));
 
             var result = Rebalancer.Apply(plan, [image]);
             result.Cancelled.Should().BeFalse();

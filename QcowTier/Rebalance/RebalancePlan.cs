@@ -11,7 +11,17 @@ namespace QcowTier;
 /// <param name="Score">Heat score of the range (the highest of its units for a promotion, the lowest for a demotion).</param>
 /// <param name="Rank">Rank of that unit in the heat order (1 = hottest).</param>
 /// <param name="Reason">Plain-language reason.</param>
-public sealed record PlannedMove(int Image, long Start, long Length, long Bytes, StorageTier To, double Score, long Rank, string Reason);
+public sealed record PlannedMove(int Image, long Start, long Length, long Bytes, StorageTier To, double Score, long Rank, string Reason)
+{
+    /// <summary>Time the copy takes under the device models (before any throttle).</summary>
+    public TimeSpan Cost { get; init; }
+
+    /// <summary>
+    /// I/O time the move saves over a window like the heat map's (its operations times the latency gap
+    /// between the tiers); negative for a demotion, which gives that much back to free room.
+    /// </summary>
+    public TimeSpan Benefit { get; init; }
+}
 
 /// <summary>Share of reads and writes a placement serves from SSD, as the heat map predicts.</summary>
 /// <param name="ReadShare">Share of reads served by SSD (0–1).</param>

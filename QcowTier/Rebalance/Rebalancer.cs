@@ -210,10 +210,9 @@ public static class Rebalancer
         }
 
         var after = Predict(all, policy, target);
-        var planned = Coalesce(inputs, all, target, rank);
+        var planned = Coalesce(inputs, all, target, rank, policy);
         var totalBytes = planned.Sum(m => m.Bytes);
-        var seconds = planned.Sum(m => m.Bytes / Math.Min(policy.Ssd.BytesPerSecond, policy.Hdd.BytesPerSecond)
-            + (m.To == StorageTier.Ssd ? policy.Hdd.Latency : policy.Ssd.Latency).TotalSeconds);
+        var seconds = planned.Sum(m => m.Cost.TotalSeconds);
         if (policy.ThrottleBytesPerSecond is { } t && t > 0)
         {
             seconds = Math.Max(seconds, totalBytes / t);
@@ -471,9 +470,11 @@ public static class Rebalancer
     /// The marked moves as ranges: demotions first (they make room), then promotions, each in image and
     /// disk order (the order units were collected in), neighbours going the same way merged.
     /// </summary>
-    private static List<PlannedMove> Coalesce(IReadOnlyList<RebalanceInput> inputs, ReadOnlySpan<Unit> units, byte[] target, int[] rank)
+    private static List<PlannedMove> Coalesce(IReadOnlyList<RebalanceInput> inputs, ReadOnlySpan<Unit> units, byte[] target, int[] rank, RebalancePolicy policy)
     {
         var result = new List<PlannedMove>();
+        var gap = (policy.Hdd.Latency - policy.Ssd.Latency).TotalSeconds;
+        var copyRate = Math.Min(policy.Ssd.BytesPerSecond, policy.Hdd.BytesPerSecond);
         foreach (var dir in (ReadOnlySpan<byte>)[ToHdd, ToSsd])
         {
             var to = dir == ToSsd ? StorageTier.Ssd : StorageTier.Hdd;
@@ -481,6 +482,7 @@ public static class Rebalancer
             int image = 0, bestUnit = 0;
             long start = 0, end = 0, bytes = 0, lastIndex = -2;
             float best = 0;
+            double ops = 0;
             for (var ui = 0; ui < units.Length; ui++)
             {
                 if (target[ui] != dir)
@@ -496,6 +498,7 @@ public static class Rebalancer
                 {
                     end = unitEnd;
                     bytes += b;
+                    ops += unit.Score;
                     if (dir == ToSsd ? unit.Score > best : unit.Score < best)
                     {
                         best = unit.Score;
@@ -506,27 +509,31 @@ public static class Rebalancer
                 {
                     if (open)
                     {
-                        result.Add(Move(image, start, end, bytes, to, best, rank[bestUnit]));
+                        result.Add(Move(image, start, end, bytes, to, best, rank[bestUnit], ops));
                     }
                     open = true;
-                    (image, start, end, bytes, best, bestUnit) = (unit.Image, unitStart, unitEnd, b, unit.Score, ui);
+                    (image, start, end, bytes, best, bestUnit, ops) = (unit.Image, unitStart, unitEnd, b, unit.Score, ui, unit.Score);
                 }
                 lastIndex = unit.Index;
             }
             if (open)
             {
-                result.Add(Move(image, start, end, bytes, to, best, rank[bestUnit]));
+                result.Add(Move(image, start, end, bytes, to, best, rank[bestUnit], ops));
             }
         }
         return result;
 
-        static PlannedMove Move(int image, long start, long end, long bytes, StorageTier to, double best, long rank)
+        PlannedMove Move(int image, long start, long end, long bytes, StorageTier to, double best, long rank, double ops)
         {
+            var cost = TimeSpan.FromSeconds(bytes / copyRate + (to == StorageTier.Ssd ? policy.Hdd.Latency : policy.Ssd.Latency).TotalSeconds);
+            var benefit = TimeSpan.FromSeconds((to == StorageTier.Ssd ? 1 : -1) * ops * gap);
             var reason = to == StorageTier.Ssd
-                ? $"hot: score {best:G4}, rank {rank}"
-                : $"cold: score {best:G4}, rank {rank}; makes room or enforces the budget";
-            return new PlannedMove(image, start, end - start, bytes, to, best, rank, reason);
+                ? $"hot: score {best:G4}, rank {rank}; copy {Ms(cost)}, saves {Ms(benefit)} of I/O time per heat window"
+                : $"cold: score {best:G4}, rank {rank}; copy {Ms(cost)}, costs {Ms(-benefit)} of I/O time per heat window; makes room or enforces the budget";
+            return new PlannedMove(image, start, end - start, bytes, to, best, rank, reason) { Cost = cost, Benefit = benefit };
         }
+
+        static string Ms(TimeSpan t) => string.Create(System.Globalization.CultureInfo.InvariantCulture, $"{t.TotalMilliseconds:0.###} ms");
     }
 
     /// <summary>
