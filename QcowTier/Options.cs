@@ -28,6 +28,12 @@ public enum QcowPreallocation
 
     /// <summary>All L2 tables and data clusters are allocated; the data stays sparse and reads as zeroes.</summary>
     Metadata,
+
+    /// <summary>As <see cref="Metadata"/>, and the data clusters are reserved in the file system (fallocate).</summary>
+    Falloc,
+
+    /// <summary>As <see cref="Metadata"/>, and zeroes are written over every data cluster.</summary>
+    Full,
 }
 
 /// <summary>What <see cref="QcowImage.Check"/> may repair (qemu-img check -r).</summary>

@@ -253,9 +253,17 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
     /// <returns>Completes when everything is durable.</returns>
     public ValueTask FlushAsync(CancellationToken cancellationToken = default) => _core.FlushAsync(cancellationToken);
 
-    /// <summary>Grows the virtual disk. Shrinking is not supported yet.</summary>
+    /// <summary>
+    /// Changes the virtual size (a multiple of 512). Shrinking deletes the data past the new end, frees its
+    /// clusters and gives the file's free tail back, as qemu-img resize --shrink does.
+    /// </summary>
     /// <param name="newSize">The new size in bytes.</param>
     public void Resize(long newSize) => _core.Resize(newSize);
+
+    /// <summary>Grows the virtual disk, preallocating the new part as qemu-img resize --preallocation does.</summary>
+    /// <param name="newSize">The new size in bytes; with a preallocation other than off, at least the current size.</param>
+    /// <param name="preallocation">What to allocate for the new part.</param>
+    public void Resize(long newSize, QcowPreallocation preallocation) => _core.Resize(newSize, preallocation);
 
     /// <summary>Checks the image's metadata as qemu-img check does, optionally repairing it.</summary>
     /// <param name="repair">What to repair; anything but <see cref="QcowRepairMode.None"/> needs a writable image.</param>

@@ -24,7 +24,7 @@ internal sealed class CreateOptions
     [
         new("cluster_size", Kind.Size, "65536", "qcow2 cluster size"),
         new("extended_l2", Kind.Bool, "off", "Extended L2 tables"),
-        new("preallocation", Kind.Text, null, "Preallocation mode (allowed values: off, metadata)"),
+        new("preallocation", Kind.Text, null, "Preallocation mode (allowed values: off, metadata, falloc, full)"),
         new("compression_type", Kind.Text, "zlib", "Compression method used for image cluster compression"),
         new("size", Kind.Size, null, "Virtual disk size"),
         new("compat", Kind.Text, null, "Compatibility level (v2 [0.10] or v3 [1.1])"),
@@ -191,7 +191,8 @@ internal sealed class CreateOptions
         {
             null or "off" => QcowPreallocation.Off,
             "metadata" => QcowPreallocation.Metadata,
-            "falloc" or "full" => throw new CliException($"preallocation={Text("preallocation")} is not supported yet for qcow2 (use off or metadata)"),
+            "falloc" => QcowPreallocation.Falloc,
+            "full" => QcowPreallocation.Full,
             var other => throw new CliException($"Parameter 'preallocation' does not accept value '{other}'"),
         };
         switch (Text("compression_type"))

@@ -13,7 +13,9 @@ internal sealed class ResizeCommand : Command
     public override string Help => """
         Changes the virtual size. "+size" grows by, "-size" shrinks by, a plain size sets the size.
           -f fmt      qcow2 or raw (default: detected)
-          --shrink    allow shrinking (raw files only for now; qcow2 shrinking is not supported yet)
+          --shrink    allow shrinking (the data past the new end is deleted)
+          --preallocation=off|metadata|falloc|full
+                      preallocate the new part of a growing image
           -q          quiet
 
         """;
@@ -36,10 +38,14 @@ internal sealed class ResizeCommand : Command
         {
             throw new CliException(o.Operands.Count == 0 ? "Expecting image file name" : $"Unexpected argument: {o.Operands[1]}");
         }
-        if (o.Get("preallocation") is { } p && p != "off")
+        var prealloc = o.Get("preallocation") switch
         {
-            throw new CliException($"--preallocation={p} is not supported yet");
-        }
+            null or "off" => QcowPreallocation.Off,
+            "metadata" => QcowPreallocation.Metadata,
+            "falloc" => QcowPreallocation.Falloc,
+            "full" => QcowPreallocation.Full,
+            var other => throw new CliException($"Invalid preallocation mode '{other}'"),
+        };
         var relative = sizeText.Length > 0 && sizeText[0] is '+' or '-' ? sizeText[0] : '\0';
         var number = relative != '\0' ? sizeText[1..] : sizeText;
         if (SizeParser.TryParse(number, out var n) != SizeParser.Outcome.Ok || n > long.MaxValue)
@@ -69,14 +75,25 @@ internal sealed class ResizeCommand : Command
             {
                 throw new CliException("Use the --shrink option to perform a shrink operation.");
             }
-            if (disk is QcowDisk)
+            if (prealloc != QcowPreallocation.Off)
             {
-                throw new CliException("Shrinking qcow2 images is not supported yet");
+                throw new CliException("Preallocation can only be used for growing images");
             }
+        }
+        if (prealloc != QcowPreallocation.Off && disk is not QcowDisk)
+        {
+            throw new CliException($"--preallocation={o.Get("preallocation")} is not supported yet for raw files");
         }
         try
         {
-            disk.Resize(newSize);
+            if (disk is QcowDisk q)
+            {
+                q.Image.Resize(newSize, prealloc);
+            }
+            else
+            {
+                disk.Resize(newSize);
+            }
             disk.Flush();
         }
         catch (Exception e) when (e is IOException or ArgumentException or NotSupportedException or InvalidOperationException)

@@ -145,6 +145,11 @@ internal static class CrashHarness
                 break;
             case ResizeOp r:
                 sizes.Add(r.NewSize);
+                if (r.NewSize < live.Size)
+                {
+                    // A shrink deletes the tail: a cut may leave the old size with the tail already zeroed.
+                    after.Add(new Effect(r.NewSize, live.Size - r.NewSize, null));
+                }
                 break;
         }
     }

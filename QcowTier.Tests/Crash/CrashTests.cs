@@ -137,6 +137,25 @@ public sealed class CrashTests
                         new WriteOp(200000, Data(62, 5000)),
                     ]);
                 }
+            case "shrink":
+                {
+                    // 512-byte clusters: a shrink frees whole L2 tables (L1 entries zeroed), refcount blocks and the
+                    // file's tail; growing again must read zeroes where the old data was.
+                    var f = new ImageFormat(512, 16, V2: false, Lazy: false);
+                    return new Scenario(f, 1L << 20,
+                    [
+                        new WriteOp(0, Data(70, 1 << 20)),
+                    ],
+                    [
+                        new ResizeOp((300 << 10) + 512),
+                        new WriteOp(300 << 10, Data(71, 512)),
+                        new FlushOp(),
+                        new ResizeOp(1L << 20),
+                        new WriteOp(900 << 10, Data(72, 4096)),
+                        new ResizeOp(100 << 10),
+                        new WriteOp(5000, Data(73, 3000)),
+                    ]);
+                }
             default:
                 throw new ArgumentException(name, nameof(name));
         }
@@ -151,6 +170,7 @@ public sealed class CrashTests
         "v2-zeroes",
         "lazy-refcounts",
         "reopen",
+        "shrink",
     };
 
     /// <summary>Every unflushed write lost, at an even spread of cut points (all of them when few).</summary>

@@ -209,8 +209,9 @@ public sealed class TierMoveTests
             var d = TierKit.RandomBytes(new Random(2), 300000);
             img.Write(5000, d);
             model.Write(5000, d);
-            img.MoveToTier(0, size / 2, StorageTier.Hdd);
-            TierKit.ClusterTiers(img).Take((int)(size / 2 / cs)).Should().OnlyContain(t => t == StorageTier.Hdd);
+            TierKit.ClusterTiers(img).Should().OnlyContain(t => t == StorageTier.Hdd, "preallocation follows the default tier");
+            img.MoveToTier(0, size / 2, StorageTier.Ssd);
+            TierKit.ClusterTiers(img).Take((int)(size / 2 / cs)).Should().OnlyContain(t => t == StorageTier.Ssd);
             TierKit.AssertContent(img, model);
             img.Flush();
             TierKit.AssertRefcounts(img);

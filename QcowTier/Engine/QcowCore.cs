@@ -1207,7 +1207,7 @@ internal sealed partial class QcowCore : IDisposable
 
     // ---------------------------------------------------------------- resize
 
-    public void Resize(long newSize)
+    public void Resize(long newSize, QcowPreallocation preallocation = QcowPreallocation.Off)
     {
         CheckWritable();
         if (newSize < 0 || newSize > QcowHeader.MaxVirtualSize)
@@ -1219,17 +1219,28 @@ internal sealed partial class QcowCore : IDisposable
             // QEMU sees whole sectors only (and refuses such a truncate the same way).
             throw new ArgumentException($"The new size must be a multiple of {QcowHeader.SectorSize} (requested {newSize})", nameof(newSize));
         }
+        if (newSize < Size)
+        {
+            if (preallocation != QcowPreallocation.Off)
+            {
+                throw new ArgumentException("Preallocation can only be used for growing images", nameof(preallocation));
+            }
+            Shrink(newSize); // QcowCore.Shrink.cs
+            return;
+        }
         lock (_lock)
         {
-            if (newSize < _size)
-            {
-                throw new NotSupportedException($"{Name ?? "image"}: shrinking an image is not supported yet (current size {_size}, requested {newSize})");
-            }
             FlushLocked();
+            var oldSize = _size;
             var needed = QcowHeader.CeilDiv(newSize, (long)_clusterSize << _l2Bits);
             if (needed > _l1.Length)
             {
                 GrowL1(needed);
+            }
+            if (preallocation != QcowPreallocation.Off)
+            {
+                // Before the size: a cut in between leaves linked clusters past the end, which QEMU accepts.
+                PreallocateLocked(preallocation, oldSize, newSize); // QcowCore.Preallocate.cs
             }
             WriteHeaderU64(QcowHeader.OffsetSize, (ulong)newSize);
             File.Flush();
@@ -1278,46 +1289,6 @@ internal sealed partial class QcowCore : IDisposable
         }
         _refcounts.WriteBack();
         File.Flush();
-    }
-
-    /// <summary>Allocates and links every cluster of the disk (preallocation=metadata); the data stays sparse.</summary>
-    public void PreallocateMetadata()
-    {
-        CheckWritable();
-        lock (_lock)
-        {
-            var total = QcowHeader.CeilDiv(_size, _clusterSize);
-            var perTable = 1L << _l2Bits;
-            long end = 0;
-            for (long c = 0; c < total;)
-            {
-                var l1Index = (int)(c >> _l2Bits);
-                var (table, l2Off) = GetL2ForWrite(l1Index);
-                var first = (int)(c & (perTable - 1));
-                var count = (int)Math.Min(perTable - first, total - c);
-                var host = _refcounts.Allocate(count, out _);
-                for (var i = 0; i < count; i++)
-                {
-                    if (ClusterKinds.Classify(Entry(table, first + i)) == ClusterKind.Unallocated)
-                    {
-                        SetEntry(table, first + i, (ulong)(host + ((long)i << _clusterBits)) | ClusterLayout.Copied);
-                    }
-                    else
-                    {
-                        _refcounts.FreeNow(host + ((long)i << _clusterBits), 1);
-                    }
-                }
-                _l2.MarkDirty(l2Off);
-                c += count;
-                end = Math.Max(end, host + ((long)count << _clusterBits));
-            }
-            // The data stays sparse: extend the file over it without writing (QEMU truncates the same way).
-            if (File.Length < end)
-            {
-                File.SetLength(end);
-            }
-            FlushLocked();
-        }
     }
 
     // ---------------------------------------------------------------- map, info, check

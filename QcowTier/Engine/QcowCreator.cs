@@ -82,11 +82,8 @@ internal static class QcowCreator
             }
             if (size > 0)
             {
-                core.Resize(size);
-            }
-            if (o.Preallocation == QcowPreallocation.Metadata)
-            {
-                core.PreallocateMetadata();
+                // As QEMU: creation is a truncate of the empty image, preallocating on the way.
+                core.Resize(size, o.Preallocation);
             }
             return core;
         }

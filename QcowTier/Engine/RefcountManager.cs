@@ -276,28 +276,55 @@ internal sealed class RefcountManager
 
     private long FindFree(int count)
     {
-        var run = 0;
+        // Cluster 0 of a qcow2 file is its header, whatever a damaged refcount says. The hint must start
+        // at that floor too: a hint left below it never advances (the scan never visits it), and every
+        // search would then rescan the whole file from the start (quadratic preallocation).
+        _freeHint = Math.Max(_freeHint, _parent is null ? 1 : 0);
+        var run = 0L;
         var start = 0L;
-        // Cluster 0 of a qcow2 file is its header, whatever a damaged refcount says.
-        for (var i = Math.Max(_freeHint, _parent is null ? 1 : 0); ; i++)
+        var entries = EntriesPerBlock;
+        for (var i = _freeHint; ; )
         {
-            if (Get(i) == 0 && !_pendingFrees.ContainsKey(i))
+            // A block at a time: one table lookup per block, and a block that does not exist is all free.
+            var blockIndex = i >> _blockBits;
+            var blockEnd = (blockIndex + 1) << _blockBits;
+            var block = GetBlock(blockIndex);
+            if (block is null)
             {
-                if (run++ == 0)
+                // No block: all free (a cluster waiting for its decrement always has a block).
+                if (run == 0)
                 {
                     start = i;
                 }
-                if (run == count)
+                run += blockEnd - i;
+                if (run >= count)
                 {
                     return start;
                 }
+                i = blockEnd;
+                continue;
             }
-            else
+            for (var idx = (int)(i & (entries - 1)); idx < entries; idx++, i++)
             {
-                run = 0;
-                if (i == _freeHint)
+                var free = RefcountBlock.Get(block, idx, _order) == 0 && (_pendingFrees.Count == 0 || !_pendingFrees.ContainsKey(i));
+                if (free)
                 {
-                    _freeHint = i + 1; // everything below the hint is known to be in use
+                    if (run++ == 0)
+                    {
+                        start = i;
+                    }
+                    if (run == count)
+                    {
+                        return start;
+                    }
+                }
+                else
+                {
+                    run = 0;
+                    if (i == _freeHint)
+                    {
+                        _freeHint = i + 1; // everything below the hint is known to be in use
+                    }
                 }
             }
         }
@@ -430,6 +457,77 @@ internal sealed class RefcountManager
             owner.FreeNow(off, clusters);
             clusters = (int)QcowHeader.CeilDiv((long)_table.Count * 8, _clusterSize) + 1;
         }
+    }
+
+    /// <summary>The highest cluster with a non-zero refcount, or -1 (for giving the file's free tail back).</summary>
+    public long LastUsedCluster()
+    {
+        for (var b = _table.Count - 1; b >= 0; b--)
+        {
+            var block = GetBlock(b);
+            if (block is null)
+            {
+                continue;
+            }
+            for (var idx = (int)EntriesPerBlock - 1; idx >= 0; idx--)
+            {
+                if (RefcountBlock.Get(block, idx, _order) != 0)
+                {
+                    return ((long)b << _blockBits) + idx;
+                }
+            }
+        }
+        return -1;
+    }
+
+    /// <summary>
+    /// Drops the refcount blocks (other than the first) that count nothing but possibly themselves, as
+    /// QEMU's shrink does, so the file's tail can be given back. Per block: the table entry is cleared and
+    /// made durable first, then the block's own refcount is dropped; a cut in between leaks one cluster.
+    /// The caller has flushed: no dirty blocks and no pending frees.
+    /// </summary>
+    public int DropEmptyBlocks()
+    {
+        var owner = _parent ?? this;
+        var dropped = 0;
+        for (var b = _table.Count - 1; b >= 1; b--)
+        {
+            var off = _table[b];
+            if (off == 0)
+            {
+                continue;
+            }
+            var block = LoadBlock(off, b);
+            var self = _parent is null && (off >> _clusterBits) >> _blockBits == b ? (int)((off >> _clusterBits) & (EntriesPerBlock - 1)) : -1;
+            var empty = true;
+            for (var idx = 0; idx < EntriesPerBlock && empty; idx++)
+            {
+                empty = idx == self || RefcountBlock.Get(block, idx, _order) == 0;
+            }
+            if (!empty || (self >= 0 && RefcountBlock.Get(block, self, _order) != 1))
+            {
+                continue;
+            }
+            _table[b] = 0;
+            _dirtyTableEntries.Add(b);
+            WriteTable();
+            _meta.Flush();
+            _blocks.Remove(off);
+            _blockOffsets.Remove(off);
+            if (self < 0)
+            {
+                owner.FreeNow(off, 1);
+                owner.WriteBack();
+                _meta.Flush();
+            }
+            dropped++;
+        }
+        while (_table.Count > _diskEntries && _table[^1] == 0)
+        {
+            _table.RemoveAt(_table.Count - 1);
+        }
+        _freeHint = Math.Min(_freeHint, 1);
+        return dropped;
     }
 
     /// <summary>Every (offset of a refcount block) the table points to, for the checker.</summary>

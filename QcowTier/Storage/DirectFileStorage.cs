@@ -152,6 +152,8 @@ internal sealed unsafe class DirectFileStorage : ImageStorage
 
     public override void EnsureLength(long end) => _inner.EnsureLength(end);
 
+    public override void Allocate(long offset, long length) => _inner.Allocate(offset, length);
+
     public override void Lock(bool writable) => _inner.Lock(writable);
 
     public override void Reclaim(long offset, long length) => _inner.Reclaim(offset, length);

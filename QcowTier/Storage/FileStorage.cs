@@ -147,6 +147,19 @@ internal sealed class FileStorage : ImageStorage
         }
     }
 
+    public override void Allocate(long offset, long length)
+    {
+        if (OperatingSystem.IsLinux() && NativeMethods.Reserve(_handle, offset, length))
+        {
+            if (Length < offset + length)
+            {
+                UpdateLength(offset + length);
+            }
+            return;
+        }
+        base.Allocate(offset, length);
+    }
+
     public override void EnsureLength(long end)
     {
         if (Length >= end)

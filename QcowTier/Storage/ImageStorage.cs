@@ -55,6 +55,21 @@ internal abstract class ImageStorage : IDisposable
         }
     }
 
+    /// <summary>
+    /// Reserves [offset, offset+length) in the host file system (preallocation=falloc), growing the file
+    /// when needed; bytes already there are untouched. Where the host cannot reserve, zeroes are written
+    /// over the part past the end of the file (what lies before it is kept).
+    /// </summary>
+    public virtual void Allocate(long offset, long length)
+    {
+        var zeroes = new byte[(int)Math.Min(length, 1 << 20)];
+        var start = Math.Max(offset, Length);
+        for (var pos = start; pos < offset + length; pos += zeroes.Length)
+        {
+            Write(pos, zeroes.AsSpan(0, (int)Math.Min(zeroes.Length, offset + length - pos)));
+        }
+    }
+
     /// <summary>Returns freed bytes to the host file system where it can (a hole); elsewhere does nothing.</summary>
     public virtual void Reclaim(long offset, long length)
     {

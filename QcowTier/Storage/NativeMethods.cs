@@ -50,6 +50,10 @@ internal static partial class NativeMethods
         return end <= length || Fallocate(fd, 0, length, end - length) == 0;
     }
 
+    /// <summary>fallocate mode 0 over a range: reserves the blocks (unwritten extents read as zeroes), growing the file.</summary>
+    public static bool Reserve(SafeFileHandle fd, long offset, long length)
+        => length <= 0 || Fallocate(fd, 0, offset, length) == 0;
+
     public static bool PunchHole(SafeFileHandle fd, long offset, long length)
         => Fallocate(fd, FallocFlPunchHole | FallocFlKeepSize, offset, length) == 0;
 
