@@ -79,6 +79,9 @@ public sealed class QcowOpenOptions
     /// the image is opened from a stream or handle). It must still carry the image's UUID.
     /// </summary>
     public string? TierDataFile { get; init; }
+
+    /// <summary>Show the disk as an internal snapshot (its id, or else its name) holds it; needs <see cref="ReadOnly"/>.</summary>
+    public string? Snapshot { get; init; }
 }
 
 /// <summary>Options for creating an image (qemu-img create -o).</summary>

@@ -18,7 +18,7 @@ namespace QcowTier;
 /// <see cref="FlushAsync"/>) returns; a cut at any moment leaves the image consistent, with at
 /// worst leaked clusters that <see cref="Check"/> repairs.
 /// </remarks>
-public sealed class QcowImage : IDisposable, IAsyncDisposable
+public sealed partial class QcowImage : IDisposable, IAsyncDisposable
 {
     private readonly QcowCore _core;
 
@@ -85,8 +85,13 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
     {
         try
         {
-            return new QcowImage(QcowCore.Open(storage, options.ReadOnly, options.L2CacheSize, options.RefcountCacheSize,
-                tierDataFile: options.TierDataFile, cacheMode: options.CacheMode, dataFileFactory: dataFileFactory));
+            var core = QcowCore.Open(storage, options.ReadOnly, options.L2CacheSize, options.RefcountCacheSize,
+                tierDataFile: options.TierDataFile, cacheMode: options.CacheMode, dataFileFactory: dataFileFactory);
+            if (options.Snapshot is not null)
+            {
+                OpenSnapshotView(core, options);
+            }
+            return new QcowImage(core);
         }
         catch
         {

@@ -321,6 +321,7 @@ internal sealed partial class QcowCore
             {
                 throw new InvalidOperationException($"{Name ?? "image"} is already tiered (data file {TierDataPath})");
             }
+            RefuseTierWithSnapshots();
             if (Name is null)
             {
                 throw new InvalidOperationException("only an image opened from a path can be tiered: the data file is named relative to it");

@@ -152,9 +152,9 @@ internal sealed partial class QcowCore : IDisposable
         {
             ThrowHelper.Unsupported(name, QcowHeader.OffsetBackingFileOffset, "backing_file_offset", "images with a backing file are not supported yet");
         }
-        if (h.NbSnapshots != 0 && !readOnly)
+        if (h.NbSnapshots != 0 && !readOnly && (h.IncompatibleFeatures & KnownTierIncompat(h)) != 0)
         {
-            ThrowHelper.Unsupported(name, QcowHeader.OffsetNbSnapshots, "nb_snapshots", $"the image has {h.NbSnapshots} internal snapshot(s); writing such images is not supported yet (open it read-only)");
+            ThrowHelper.Unsupported(name, QcowHeader.OffsetNbSnapshots, "nb_snapshots", $"the tiered image has {h.NbSnapshots} internal snapshot(s); snapshots of tiered images are not supported (open it read-only)");
         }
     }
 
