@@ -18,7 +18,7 @@ namespace QcowTier;
 /// <see cref="FlushAsync"/>) returns; a cut at any moment leaves the image consistent, with at
 /// worst leaked clusters that <see cref="Check"/> repairs.
 /// </remarks>
-public sealed class QcowImage : IDisposable, IAsyncDisposable
+public sealed partial class QcowImage : IDisposable, IAsyncDisposable
 {
     private readonly QcowCore _core;
 
@@ -86,7 +86,8 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
         try
         {
             return new QcowImage(QcowCore.Open(storage, options.ReadOnly, options.L2CacheSize, options.RefcountCacheSize,
-                tierDataFile: options.TierDataFile, cacheMode: options.CacheMode, dataFileFactory: dataFileFactory));
+                tierDataFile: options.TierDataFile, cacheMode: options.CacheMode, dataFileFactory: dataFileFactory,
+                backing: BackingContextFor(options)));
         }
         catch
         {
@@ -419,7 +420,7 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
     /// <param name="options">Format options of the new qcow2 image (a tier option here is ignored).</param>
     public void ExportTo(string path, bool raw = false, QcowCreateOptions? options = null)
     {
-        var extents = GetMap();
+        var extents = GetChainMap(); // flattened: data of the backing chain is copied too
         var buffer = new byte[Math.Max(ClusterSize, 1 << 20)];
         var created = false;
         try
