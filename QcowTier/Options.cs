@@ -82,6 +82,12 @@ public sealed class QcowOpenOptions
 
     /// <summary>Show the disk as an internal snapshot (its id, or else its name) holds it; needs <see cref="ReadOnly"/>.</summary>
     public string? Snapshot { get; init; }
+
+    /// <summary>Which backing files the image may make us open; <see cref="QcowBackingPolicy.Follow"/> (QEMU's behaviour) by default.</summary>
+    public QcowBackingPolicy BackingPolicy { get; init; }
+
+    /// <summary>With <see cref="QcowBackingPolicy.WithinRoot"/>: the folder every backing file must lie in; null for the image's own folder.</summary>
+    public string? BackingRoot { get; init; }
 }
 
 /// <summary>Options for creating an image (qemu-img create -o).</summary>
@@ -107,4 +113,13 @@ public sealed class QcowCreateOptions
 
     /// <summary>Make a tiered image, with its HDD data file and placement policy; null for a plain image.</summary>
     public QcowTierOptions? Tier { get; init; }
+
+    /// <summary>
+    /// The backing file (qemu-img create -b), stored as given: a relative name is relative to the new image's
+    /// folder. It must exist; clusters the new image does not allocate read from it. Null for none.
+    /// </summary>
+    public string? BackingFile { get; init; }
+
+    /// <summary>The backing file's format, "qcow2" or "raw" (-F), stored in the image; null to detect it from the file's magic.</summary>
+    public string? BackingFormat { get; init; }
 }

@@ -86,7 +86,8 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
         try
         {
             var core = QcowCore.Open(storage, options.ReadOnly, options.L2CacheSize, options.RefcountCacheSize,
-                tierDataFile: options.TierDataFile, cacheMode: options.CacheMode, dataFileFactory: dataFileFactory);
+                tierDataFile: options.TierDataFile, cacheMode: options.CacheMode, dataFileFactory: dataFileFactory,
+                backing: BackingContextFor(options));
             if (options.Snapshot is not null)
             {
                 OpenSnapshotView(core, options);
@@ -432,7 +433,7 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
     /// <param name="options">Format options of the new qcow2 image (a tier option here is ignored).</param>
     public void ExportTo(string path, bool raw = false, QcowCreateOptions? options = null)
     {
-        var extents = GetMap();
+        var extents = GetChainMap(); // flattened: data of the backing chain is copied too
         var buffer = new byte[Math.Max(ClusterSize, 1 << 20)];
         var created = false;
         try

@@ -68,6 +68,9 @@ public readonly record struct QcowExtent(long Start, long Length, QcowExtentKind
 {
     /// <summary>For tiered images: the tier holding an allocated run (data or preallocated zeroes); otherwise null.</summary>
     public StorageTier? Tier { get; init; }
+
+    /// <summary>Which image of the backing chain the run comes from: 0 for this image, 1 for its backing file, … (qemu-img map's depth).</summary>
+    public int Depth { get; init; }
 }
 
 /// <summary>The outcome of <see cref="QcowImage.Check"/>, with qemu-img check's fields.</summary>

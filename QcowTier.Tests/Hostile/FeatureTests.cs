@@ -115,21 +115,6 @@ public sealed class FeatureTests
     }
 
     [Fact]
-    public void BackingFileIsUnsupported()
-    {
-        using var dir = new TempDir();
-        var basePath = dir.File("base.qcow2");
-        var overlay = dir.File("overlay.qcow2");
-        QemuTools.Img("create", "-q", "-f", "qcow2", basePath, "1M").EnsureSuccess();
-        QemuTools.Io("-f", "qcow2", "-c", "write -q -P 0x55 0 64k", basePath).EnsureSuccess();
-        QemuTools.Img("create", "-q", "-f", "qcow2", "-b", basePath, "-F", "qcow2", overlay).EnsureSuccess();
-        foreach (var readOnly in new[] { true, false })
-        {
-            Guard.Fails<QcowUnsupportedFeatureException>(() => QcowImage.Open(overlay, new QcowOpenOptions { ReadOnly = readOnly }).Dispose(), "backing file");
-        }
-    }
-
-    [Fact]
     public void ExtendedL2IsUnsupported()
     {
         using var dir = new TempDir();

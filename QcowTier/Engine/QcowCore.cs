@@ -99,7 +99,8 @@ internal sealed partial class QcowCore : IDisposable
     internal ulong[] L1 => _l1;
 
     public static QcowCore Open(ImageStorage file, bool readOnly, long l2CacheBytes = 0, long refcountCacheBytes = 0, bool repairIfDirty = true,
-        string? tierDataFile = null, QcowCacheMode cacheMode = QcowCacheMode.Writeback, Func<string, bool, bool, ImageStorage>? dataFileFactory = null)
+        string? tierDataFile = null, QcowCacheMode cacheMode = QcowCacheMode.Writeback, Func<string, bool, bool, ImageStorage>? dataFileFactory = null,
+        BackingContext? backing = null)
     {
         var fileLength = file.Length;
         var probe = new byte[(int)Math.Min(fileLength, 1 << QcowHeader.MaxClusterBits)];
@@ -110,6 +111,7 @@ internal sealed partial class QcowCore : IDisposable
         try
         {
             core.LoadTier(tierDataFile, cacheMode);
+            core.OpenBacking(backing);
             if (!readOnly)
             {
                 core.OpenWritable(repairIfDirty);
@@ -118,6 +120,7 @@ internal sealed partial class QcowCore : IDisposable
         catch
         {
             core._hdd?.Dispose();
+            core.DisposeBacking();
             throw;
         }
         return core;
@@ -147,10 +150,6 @@ internal sealed partial class QcowCore : IDisposable
         if ((h.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0)
         {
             ThrowHelper.Unsupported(name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features", "extended L2 entries (subclusters) are not supported yet");
-        }
-        if (h.BackingFileOffset != 0)
-        {
-            ThrowHelper.Unsupported(name, QcowHeader.OffsetBackingFileOffset, "backing_file_offset", "images with a backing file are not supported yet");
         }
         if (h.NbSnapshots != 0 && !readOnly && (h.IncompatibleFeatures & KnownTierIncompat(h)) != 0)
         {
@@ -497,6 +496,9 @@ internal sealed partial class QcowCore : IDisposable
                 case ClusterKind.Compressed:
                     ThrowCompressed(offset);
                     break;
+                case ClusterKind.Unallocated:
+                    ReadBacking(offset, buffer[..n]);
+                    break;
                 default:
                     buffer[..n].Clear();
                     break;
@@ -543,6 +545,9 @@ internal sealed partial class QcowCore : IDisposable
                 case ClusterKind.Compressed:
                     ThrowCompressed(offset);
                     break;
+                case ClusterKind.Unallocated:
+                    await ReadBackingAsync(offset, buffer[..n], ct).ConfigureAwait(false);
+                    break;
                 default:
                     buffer.Span[..n].Clear();
                     break;
@@ -576,6 +581,7 @@ internal sealed partial class QcowCore : IDisposable
         public int Head;            // offset of the data inside the first cluster (Allocate)
         public bool Fresh;          // the clusters read as zeroes already (Allocate)
         public bool Reused;         // an existing ZeroAllocated cluster is being filled (Allocate)
+        public bool FromBacking;    // over unallocated clusters of an image with a backing file: copy its data around the write
         public long CowSource;      // host offset of a shared cluster whose content must be copied, or -1
         public int CowTier;         // tier of CowSource
         public int Tier;            // tier of Host
@@ -632,6 +638,7 @@ internal sealed partial class QcowCore : IDisposable
         else
         {
             // Unallocated or plain zero: m.Bytes already stops at in-flight clusters and at the table's end.
+            plan.FromBacking = m.Kind == ClusterKind.Unallocated && HasBacking;
             var bytes = ClipToPins(offset, m.Bytes);
             plan.Clusters = (int)((head + bytes + _clusterSize - 1) >> _clusterBits);
             plan.Tier = ChooseTier(offset, plan.Clusters);
@@ -804,7 +811,7 @@ internal sealed partial class QcowCore : IDisposable
                 default:
                     try
                     {
-                        if (plan.CowSource >= 0 || !plan.Fresh && (plan.Head != 0 || plan.Bytes != plan.Clusters << _clusterBits))
+                        if (plan.CowSource >= 0 || plan.FromBacking || !plan.Fresh && (plan.Head != 0 || plan.Bytes != plan.Clusters << _clusterBits))
                         {
                             // Padding or copy needed: the synchronous path does it with small writes.
                             FillAllocation(plan, data.Span[..plan.Bytes]);
@@ -841,6 +848,11 @@ internal sealed partial class QcowCore : IDisposable
             DataFile(plan.CowTier).Read(plan.CowSource, buf);
             data.CopyTo(buf.AsSpan(plan.Head));
             file.Write(plan.Host, buf);
+            return;
+        }
+        if (plan.FromBacking)
+        {
+            FillFromBacking(plan, data);
             return;
         }
         var total = (long)plan.Clusters << _clusterBits;
@@ -899,6 +911,11 @@ internal sealed partial class QcowCore : IDisposable
         {
             return;
         }
+        if (HasBacking)
+        {
+            DiscardOverBacking(start, end);
+            return;
+        }
         UpdateClusters(start, end, DiscardEntry);
     }
 
@@ -947,6 +964,11 @@ internal sealed partial class QcowCore : IDisposable
         if (Header.Version >= 3)
         {
             UpdateClusters(alignedStart, Math.Min(alignedEnd, RoundUp(Size)), e => ZeroEntry(e, mayUnmap), allocateTables: true);
+        }
+        else if (HasBacking)
+        {
+            // v2 has no zero flag, and unallocated clusters would show the backing file: write zeroes (as QEMU does).
+            WriteZeroBuffer(alignedStart, Math.Min(alignedEnd, Size) - alignedStart);
         }
         else if (mayUnmap)
         {
@@ -1006,7 +1028,7 @@ internal sealed partial class QcowCore : IDisposable
             {
                 m = MapLocked(offset, length, stopAtInflight: false);
             }
-            if (m.Kind is not (ClusterKind.Unallocated or ClusterKind.ZeroPlain or ClusterKind.ZeroAllocated))
+            if (m.Kind is not (ClusterKind.Unallocated or ClusterKind.ZeroPlain or ClusterKind.ZeroAllocated) || m.Kind == ClusterKind.Unallocated && HasBacking)
             {
                 WriteZeroBuffer(offset, m.Bytes); // what already reads as zeroes is left alone
             }
@@ -1449,6 +1471,7 @@ internal sealed partial class QcowCore : IDisposable
             _disposed = true;
             File.Dispose();
             _hdd?.Dispose();
+            DisposeBacking();
         }
     }
 }

@@ -34,13 +34,14 @@ internal static class QcowCreator
         {
             throw new ArgumentException("Tiered images need compatibility level 1.1 (compat=1.1)", nameof(o));
         }
+        BackingNames.Validate(o);
         if (size < 0 || size > QcowHeader.MaxVirtualSize)
         {
             throw new ArgumentOutOfRangeException(nameof(size), $"image size {size} is out of range");
         }
     }
 
-    public static QcowCore Create(ImageStorage file, long size, QcowCreateOptions o, Func<string, bool, bool, ImageStorage>? dataFileFactory = null)
+    public static QcowCore Create(ImageStorage file, long size, QcowCreateOptions o, Func<string, bool, bool, ImageStorage>? dataFileFactory = null, BackingContext? backing = null)
     {
         Validate(size, o);
         // As qemu-img create: QEMU addresses whole 512-byte sectors (it reads the size as size / 512 sectors),
@@ -59,12 +60,18 @@ internal static class QcowCreator
             RefcountOrder = BitOperations.Log2((uint)o.RefcountBits),
             CompatibleFeatures = o.LazyRefcounts ? QcowHeader.CompatLazyRefcounts : 0,
         };
+        if (o.BackingFile is not null && o.BackingFormat is not null)
+        {
+            // QEMU writes the backing format extension first.
+            header.Extensions.Add(new HeaderExtension(HeaderExtension.BackingFormat, System.Text.Encoding.UTF8.GetBytes(o.BackingFormat), 0));
+        }
         if (o.Compat == QcowCompat.V3)
         {
             header.Extensions.Add(new HeaderExtension(HeaderExtension.FeatureNameTable, HeaderExtension.QemuFeatureNameTable(), 0));
         }
         var image = new byte[3 * cs];
         header.WriteNew(image.AsSpan(0, cs));
+        BackingNames.WriteName(header, image.AsSpan(0, cs), o.BackingFile);
         BinaryPrimitives.WriteUInt64BigEndian(image.AsSpan(cs), (ulong)(2 * cs));
         for (var i = 0; i < 3; i++)
         {
@@ -73,7 +80,7 @@ internal static class QcowCreator
         file.SetLength(0);
         file.Write(0, image);
         file.Flush();
-        var core = QcowCore.Open(file, readOnly: false, dataFileFactory: dataFileFactory);
+        var core = QcowCore.Open(file, readOnly: false, dataFileFactory: dataFileFactory, backing: backing);
         try
         {
             if (o.Tier is not null)
