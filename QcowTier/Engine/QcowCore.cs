@@ -633,7 +633,7 @@ internal sealed partial class QcowCore : IDisposable
         else if (m.Kind == ClusterKind.Compressed)
         {
             // Compressed clusters are never written in place: a partial write merges into a new normal cluster.
-            plan.CowCompressed = head != 0 || m.Bytes > length ? m.Entry : 0;
+            plan.CowCompressed = head != 0 || length < _clusterSize ? m.Entry : 0;
             plan.CowTier = m.Tier;
             plan.Clusters = 1;
             plan.Tier = ChooseTier(offset, 1);
