@@ -36,6 +36,16 @@ public enum QcowPreallocation
     Full,
 }
 
+/// <summary>How compressed clusters are encoded (qcow2's compression_type).</summary>
+public enum QcowCompressionType
+{
+    /// <summary>Raw deflate, readable by every qcow2 reader (compression_type=zlib).</summary>
+    Zlib = 0,
+
+    /// <summary>zstd frames (compression_type=zstd; version 3 only, incompatible feature bit 3): faster, QEMU 5.1 and later.</summary>
+    Zstd = 1,
+}
+
 /// <summary>What <see cref="QcowImage.Check"/> may repair (qemu-img check -r).</summary>
 public enum QcowRepairMode
 {
@@ -110,6 +120,9 @@ public sealed class QcowCreateOptions
 
     /// <summary>Page cache or O_DIRECT for the created image.</summary>
     public QcowCacheMode CacheMode { get; init; } = QcowCacheMode.Writeback;
+
+    /// <summary>How <see cref="QcowImage.WriteCompressed"/> compresses clusters (compression_type). Default zlib.</summary>
+    public QcowCompressionType CompressionType { get; init; } = QcowCompressionType.Zlib;
 
     /// <summary>Make a tiered image, with its HDD data file and placement policy; null for a plain image.</summary>
     public QcowTierOptions? Tier { get; init; }

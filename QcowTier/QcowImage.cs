@@ -217,6 +217,23 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
     public ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default)
         => _core.WriteAsync(offset, data, cancellationToken);
 
+    /// <summary>
+    /// Writes whole clusters compressed (qemu-io write -c): deflate or zstd, per the image's
+    /// <see cref="QcowImageInfo.CompressionType"/>, packed back to back as QEMU packs them. A cluster
+    /// that does not shrink is written uncompressed, as QEMU does. Clusters already allocated are replaced.
+    /// </summary>
+    /// <param name="offset">Guest byte offset, a multiple of <see cref="ClusterSize"/>.</param>
+    /// <param name="data">Whole clusters; only the image's last cluster may be partial (it is zero-padded).</param>
+    public void WriteCompressed(long offset, ReadOnlySpan<byte> data) => _core.WriteCompressed(offset, data);
+
+    /// <summary>Asynchronous <see cref="WriteCompressed"/>.</summary>
+    /// <param name="offset">Guest byte offset, a multiple of <see cref="ClusterSize"/>.</param>
+    /// <param name="data">Whole clusters; only the image's last cluster may be partial.</param>
+    /// <param name="cancellationToken">Cancels between clusters.</param>
+    /// <returns>Completes when the write is done (durable after the next flush).</returns>
+    public ValueTask WriteCompressedAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default)
+        => _core.WriteCompressedAsync(offset, data, cancellationToken);
+
     /// <summary>Makes a range read as zeroes (qemu-io write -z); on version 3 whole clusters get the zero flag.</summary>
     /// <param name="offset">Guest byte offset.</param>
     /// <param name="length">Bytes.</param>

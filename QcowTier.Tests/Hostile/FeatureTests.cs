@@ -147,52 +147,6 @@ public sealed class FeatureTests
         QemuTools.AssertBytesEqual(QemuTools.ReadRaw(path, dir), buf, "content");
     }
 
-    /// <summary>Compressed clusters (qemu-img convert -c): uncompressed parts read fine, compressed ones are refused, never misread; nothing is modified.</summary>
-    [Fact]
-    public void CompressedClustersAreRefusedNeverMisread()
-    {
-        using var dir = new TempDir();
-        var src = CreateBase(dir, "src.qcow2").Path;
-        var path = dir.File("compressed.qcow2");
-        QemuTools.Img("convert", "-q", "-c", "-f", "qcow2", "-O", "qcow2", src, path).EnsureSuccess();
-        // Make an uncompressed region too.
-        QemuTools.Io("-f", "qcow2", "-c", "write -q -P 0x77 2M 64k", path).EnsureSuccess();
-        var raw = QemuTools.ReadRaw(path, dir);
-        var original = File.ReadAllBytes(path);
-
-        using (var ro = QcowImage.Open(path, ReadOnly))
-        {
-            ro.GetMap().Should().Contain(x => x.Kind == QcowExtentKind.Compressed);
-            var buf = new byte[65536];
-            ro.Read(2 << 20, buf);
-            buf.Should().Equal(raw.AsSpan(2 << 20, 65536).ToArray());
-            ro.Read(3 << 20, buf); // unallocated
-            buf.Should().OnlyContain(b => b == 0);
-            Guard.Fails<QcowUnsupportedFeatureException>(() => ro.Read(0, new byte[512]), "compressed");
-            Guard.Fails<QcowUnsupportedFeatureException>(() => ro.Read(65536 - 10, new byte[20]), "compressed");
-            Guard.Fails<QcowUnsupportedFeatureException>(() => ro.ReadAsync(1 << 20, new byte[100]).AsTask().GetAwaiter().GetResult(), "compressed");
-            var s = ro.AsStream();
-            s.Position = 1 << 20;
-            Guard.Fails<QcowUnsupportedFeatureException>(() => s.ReadExactly(new byte[10]), "compressed");
-        }
-        using (var rw = QcowImage.Open(path))
-        {
-            Guard.Fails<QcowUnsupportedFeatureException>(() => rw.Write(10, new byte[10]), "compressed");
-            Guard.Fails<QcowUnsupportedFeatureException>(() => rw.Write(0, new byte[65536]), "compressed");
-            Guard.Fails<QcowUnsupportedFeatureException>(() => rw.WriteAsync(1 << 20, new byte[65536]).AsTask().GetAwaiter().GetResult(), "compressed");
-            Guard.Fails<QcowUnsupportedFeatureException>(() => rw.WriteZeroes(0, 65536), "compressed");
-            Guard.Fails<QcowUnsupportedFeatureException>(() => rw.Discard(0, 131072), "compressed");
-            rw.IsReadOnly.Should().BeFalse("an unsupported feature is not corruption");
-            // The uncompressed cluster is still writable.
-            rw.Write((2 << 20) + 5, new byte[] { 9 });
-        }
-        QemuTools.AssertClean(path);
-        var after = QemuTools.ReadRaw(path, dir);
-        raw[(2 << 20) + 5] = 9;
-        QemuTools.AssertBytesEqual(raw, after, "nothing but the one successful write changed the content");
-        _ = original;
-    }
-
     [Fact]
     public void InternalSnapshotsOpenReadOnlyAndWritable()
     {

@@ -68,6 +68,11 @@ internal sealed partial class QcowCore
     private void FreeCluster(ulong entry)
     {
         var tier = EntryTier(entry);
+        if ((entry & ClusterLayout.Compressed) != 0)
+        {
+            FreeCompressed(entry, tier); // not counted in the tier totals, which count whole clusters
+            return;
+        }
         Allocator(tier).QueueFree((long)(entry & ClusterLayout.L2OffsetMask), 1);
         CountAllocated(tier, -1);
     }
@@ -764,6 +769,7 @@ internal sealed partial class QcowCore
             Task? wait = null;
             long dest = 0;
             var sourceTier = 1 - target;
+            (long Guest, ulong Entry) compressed = (-1, 0);
             lock (_lock)
             {
                 var scan = pos;
@@ -807,9 +813,17 @@ internal sealed partial class QcowCore
                         }
                         batch.Add((guestCluster, ValidateDataOffset(e, l2Off, idx), 0, kind == ClusterKind.ZeroAllocated));
                     }
-                    else if (kind == ClusterKind.Compressed)
+                    else if (kind == ClusterKind.Compressed && EntryTier(e) == sourceTier)
                     {
-                        ThrowCompressed(scan);
+                        // Compressed clusters move one at a time, after the batch gathered so far.
+                        if (batch.Count == 0)
+                        {
+                            compressed = (guestCluster, e);
+                            done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+                            _inflight.Add(guestCluster, done);
+                            scan += _clusterSize;
+                        }
+                        break;
                     }
                     scan += _clusterSize;
                 }
@@ -824,7 +838,7 @@ internal sealed partial class QcowCore
                     dest = Allocator(target).Allocate(batch.Count, out _);
                     CountInflight(target, batch.Count);
                 }
-                else if (wait is null)
+                else if (wait is null && compressed.Guest < 0)
                 {
                     pos = scan;
                     ri = sri;
@@ -842,6 +856,13 @@ internal sealed partial class QcowCore
             if (wait is not null)
             {
                 wait.GetAwaiter().GetResult();
+                continue;
+            }
+            if (compressed.Guest >= 0)
+            {
+                MoveCompressed(compressed.Guest, compressed.Entry, target, done!);
+                moved++;
+                progress?.Report(moved * _clusterSize);
                 continue;
             }
             try

@@ -139,6 +139,7 @@ internal sealed partial class QcowCore : IDisposable
         {
             ThrowHelper.Corrupt(name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features", "qcow2: Image is corrupt; cannot be opened read/write");
         }
+        CheckCompressionType(h, name);
         if (h.CryptMethod != 0)
         {
             ThrowHelper.Unsupported(name, QcowHeader.OffsetCryptMethod, "crypt_method", $"encrypted images (crypt_method {h.CryptMethod}) are not supported");
@@ -369,13 +370,15 @@ internal sealed partial class QcowCore : IDisposable
         public readonly long Host; // host offset of the first byte, when Kind is Normal/ZeroAllocated
         public readonly long Bytes;
         public readonly int Tier;  // 0: primary file (SSD), 1: HDD data file
+        public readonly ulong Entry; // the L2 entry, when Kind is Compressed
 
-        public Mapping(ClusterKind kind, long host, long bytes, int tier = 0)
+        public Mapping(ClusterKind kind, long host, long bytes, int tier = 0, ulong entry = 0)
         {
             Kind = kind;
             Host = host;
             Bytes = bytes;
             Tier = tier;
+            Entry = entry;
         }
     }
 
@@ -436,7 +439,7 @@ internal sealed partial class QcowCore : IDisposable
             bytes += _clusterSize;
             next++;
         }
-        return new Mapping(kind, host + inCluster, Math.Min(bytes, maxBytes), tier);
+        return new Mapping(kind, host + inCluster, Math.Min(bytes, maxBytes), tier, kind == ClusterKind.Compressed ? e : 0);
     }
 
     private void CheckRange(long offset, long length)
@@ -475,7 +478,7 @@ internal sealed partial class QcowCore : IDisposable
             lock (_lock)
             {
                 m = MapLocked(offset, buffer.Length, stopAtInflight: false);
-                if (m.Kind == ClusterKind.Normal)
+                if (m.Kind is ClusterKind.Normal or ClusterKind.Compressed)
                 {
                     Interlocked.Increment(ref _activeIo);
                 }
@@ -494,7 +497,14 @@ internal sealed partial class QcowCore : IDisposable
                     }
                     break;
                 case ClusterKind.Compressed:
-                    ThrowCompressed(offset);
+                    try
+                    {
+                        ReadCompressed(m.Entry, m.Tier, offset, buffer[..n]);
+                    }
+                    finally
+                    {
+                        Interlocked.Decrement(ref _activeIo);
+                    }
                     break;
                 case ClusterKind.Unallocated:
                     ReadBacking(offset, buffer[..n]);
@@ -524,7 +534,7 @@ internal sealed partial class QcowCore : IDisposable
             lock (_lock)
             {
                 m = MapLocked(offset, buffer.Length, stopAtInflight: false);
-                if (m.Kind == ClusterKind.Normal)
+                if (m.Kind is ClusterKind.Normal or ClusterKind.Compressed)
                 {
                     Interlocked.Increment(ref _activeIo);
                 }
@@ -543,7 +553,14 @@ internal sealed partial class QcowCore : IDisposable
                     }
                     break;
                 case ClusterKind.Compressed:
-                    ThrowCompressed(offset);
+                    try
+                    {
+                        await ReadCompressedAsync(m.Entry, m.Tier, offset, buffer[..n], ct).ConfigureAwait(false);
+                    }
+                    finally
+                    {
+                        Interlocked.Decrement(ref _activeIo);
+                    }
                     break;
                 case ClusterKind.Unallocated:
                     await ReadBackingAsync(offset, buffer[..n], ct).ConfigureAwait(false);
@@ -556,10 +573,6 @@ internal sealed partial class QcowCore : IDisposable
             offset += n;
         }
     }
-
-    [MethodImpl(MethodImplOptions.NoInlining)]
-    private void ThrowCompressed(long guestOffset)
-        => ThrowHelper.Unsupported(Name, -1, "L2 entry", $"compressed clusters are not supported yet (guest offset 0x{guestOffset:x})");
 
     // ---------------------------------------------------------------- writes
 
@@ -584,6 +597,7 @@ internal sealed partial class QcowCore : IDisposable
         public bool FromBacking;    // over unallocated clusters of an image with a backing file: copy its data around the write
         public long CowSource;      // host offset of a shared cluster whose content must be copied, or -1
         public int CowTier;         // tier of CowSource
+        public ulong CowCompressed; // L2 entry of a compressed cluster partly overwritten (decompress, merge), or 0
         public int Tier;            // tier of Host
         public TaskCompletionSource? Done;
     }
@@ -610,10 +624,6 @@ internal sealed partial class QcowCore : IDisposable
             Interlocked.Increment(ref _activeWrites);
             return new WritePlan { Kind = PlanKind.InPlace, Host = m.Host, Bytes = (int)m.Bytes, Tier = m.Tier };
         }
-        if (m.Kind == ClusterKind.Compressed)
-        {
-            ThrowCompressed(offset);
-        }
         MarkDirtyIfLazy();
         var l1Index = (int)(offset >> (_clusterBits + _l2Bits));
         GetL2ForWrite(l1Index); // allocate or unshare the table first, so Commit cannot fail on it
@@ -625,6 +635,15 @@ internal sealed partial class QcowCore : IDisposable
             plan.Clusters = 1;
             plan.Reused = true;
             plan.Tier = m.Tier;
+        }
+        else if (m.Kind == ClusterKind.Compressed)
+        {
+            // Compressed clusters are never written in place: a partial write merges into a new normal cluster.
+            plan.CowCompressed = head != 0 || length < _clusterSize ? m.Entry : 0;
+            plan.CowTier = m.Tier;
+            plan.Clusters = 1;
+            plan.Tier = ChooseTier(offset, 1);
+            plan.Host = Allocator(plan.Tier).Allocate(1, out plan.Fresh);
         }
         else if (m.Kind == ClusterKind.Normal)
         {
@@ -691,7 +710,7 @@ internal sealed partial class QcowCore : IDisposable
             {
                 var old = Entry(table, first + i);
                 var oldKind = ClusterKinds.Classify(old);
-                if (!plan.Reused && oldKind is ClusterKind.Normal or ClusterKind.ZeroAllocated)
+                if (!plan.Reused && oldKind is ClusterKind.Normal or ClusterKind.ZeroAllocated or ClusterKind.Compressed)
                 {
                     FreeCluster(old);
                 }
@@ -811,7 +830,7 @@ internal sealed partial class QcowCore : IDisposable
                 default:
                     try
                     {
-                        if (plan.CowSource >= 0 || plan.FromBacking || !plan.Fresh && (plan.Head != 0 || plan.Bytes != plan.Clusters << _clusterBits))
+                        if (plan.CowSource >= 0 || plan.FromBacking || plan.CowCompressed != 0 || !plan.Fresh && (plan.Head != 0 || plan.Bytes != plan.Clusters << _clusterBits))
                         {
                             // Padding or copy needed: the synchronous path does it with small writes.
                             FillAllocation(plan, data.Span[..plan.Bytes]);
@@ -842,6 +861,14 @@ internal sealed partial class QcowCore : IDisposable
     private void FillAllocation(in WritePlan plan, ReadOnlySpan<byte> data)
     {
         var file = DataFile(plan.Tier);
+        if (plan.CowCompressed != 0)
+        {
+            var merged = new byte[_clusterSize];
+            ReadCompressedCluster(plan.CowCompressed, plan.CowTier, plan.GuestCluster, merged);
+            data.CopyTo(merged.AsSpan(plan.Head));
+            file.Write(plan.Host, merged);
+            return;
+        }
         if (plan.CowSource >= 0)
         {
             var buf = new byte[_clusterSize];
@@ -929,8 +956,8 @@ internal sealed partial class QcowCore : IDisposable
                 FreeCluster(e);
                 return Header.Version >= 3 ? ClusterLayout.Zero : 0;
             case ClusterKind.Compressed:
-                ThrowCompressed(-1);
-                return e;
+                FreeCluster(e);
+                return Header.Version >= 3 ? ClusterLayout.Zero : 0;
             default:
                 return e;
         }
@@ -1009,8 +1036,9 @@ internal sealed partial class QcowCore : IDisposable
                 }
                 return e | ClusterLayout.Zero;
             case ClusterKind.Compressed:
-                ThrowCompressed(-1);
-                return e;
+                // As QEMU: a compressed cluster cannot carry the zero flag, so it is always unmapped.
+                FreeCluster(e);
+                return ClusterLayout.Zero;
             case ClusterKind.Unallocated:
                 return ClusterLayout.Zero;
             default:
@@ -1148,6 +1176,7 @@ internal sealed partial class QcowCore : IDisposable
             }
             var freedSsd = _refcounts.ApplyPendingFrees();
             var freedHdd = _hddRefcounts?.ApplyPendingFrees();
+            ForgetCompressedTails(freedSsd, freedHdd);
             // Give the space back to the file system (as QEMU does with discard=unmap): demotions
             // must shrink what the SSD holds, not just what the image counts.
             Reclaim(File, freedSsd);
@@ -1412,6 +1441,7 @@ internal sealed partial class QcowCore : IDisposable
                 // The checker rewrote refcounts (and maybe the tables) on disk: forget what we cached.
                 RefreshHeader();
                 InitCaches();
+                ResetCompressedTails();
                 InitHddRefcounts();
                 _l1 = LoadL1();
                 _dirtyL1.Clear();

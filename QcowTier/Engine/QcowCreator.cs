@@ -35,6 +35,14 @@ internal static class QcowCreator
             throw new ArgumentException("Tiered images need compatibility level 1.1 (compat=1.1)", nameof(o));
         }
         BackingNames.Validate(o);
+        if (o.Compat == QcowCompat.V2 && o.CompressionType != QcowCompressionType.Zlib)
+        {
+            throw new ArgumentException("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)", nameof(o));
+        }
+        if (o.CompressionType is not (QcowCompressionType.Zlib or QcowCompressionType.Zstd))
+        {
+            throw new ArgumentException($"Unknown compression type {o.CompressionType}", nameof(o));
+        }
         if (size < 0 || size > QcowHeader.MaxVirtualSize)
         {
             throw new ArgumentOutOfRangeException(nameof(size), $"image size {size} is out of range");
@@ -59,6 +67,9 @@ internal static class QcowCreator
             RefcountTableClusters = 1,
             RefcountOrder = BitOperations.Log2((uint)o.RefcountBits),
             CompatibleFeatures = o.LazyRefcounts ? QcowHeader.CompatLazyRefcounts : 0,
+            // As QEMU: only a non-default compression type sets the field and incompatible bit 3.
+            CompressionType = (byte)o.CompressionType,
+            IncompatibleFeatures = o.CompressionType == QcowCompressionType.Zstd ? QcowHeader.IncompatCompressionType : 0,
         };
         if (o.BackingFile is not null && o.BackingFormat is not null)
         {

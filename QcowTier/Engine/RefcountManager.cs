@@ -183,6 +183,9 @@ internal sealed class RefcountManager
     }
 
 
+    /// <summary>The largest refcount the image's refcount width can hold.</summary>
+    public ulong MaxRefcount => _max;
+
     public ulong Get(long cluster)
     {
         var block = GetBlock(cluster >> _blockBits);
