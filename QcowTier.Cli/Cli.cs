@@ -19,6 +19,7 @@ internal static class Cli
         new MapCommand(),
         new RebalanceCommand(),
         new ResizeCommand(),
+        new ServeCommand(),
         new SnapshotCommand(),
         new TierCommand(),
     ];

@@ -131,11 +131,9 @@ internal sealed partial class QcowCore
             {
                 case ClusterKind.Normal:
                 case ClusterKind.ZeroAllocated:
+                case ClusterKind.Compressed:
                     FreeCluster(e);
                     return ClusterLayout.Zero;
-                case ClusterKind.Compressed:
-                    ThrowCompressed(-1);
-                    return e;
                 default:
                     return ClusterLayout.Zero;
             }

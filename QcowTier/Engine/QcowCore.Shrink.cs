@@ -45,7 +45,6 @@ internal sealed partial class QcowCore
         var perTable = 1 << _l2Bits;
         var keepTables = QcowHeader.CeilDiv(newSize, (long)_clusterSize << _l2Bits);
         var firstGone = QcowHeader.CeilDiv(newSize, _clusterSize); // first guest cluster wholly past the end
-        CheckNoCompressedPast(firstGone, keepTables);
         MarkDirtyIfLazy();
 
         // The table holding the new end: full discard of its entries past the end.
@@ -60,7 +59,7 @@ internal sealed partial class QcowCore
                 {
                     continue;
                 }
-                if (ClusterKinds.Classify(e) is ClusterKind.Normal or ClusterKind.ZeroAllocated)
+                if (ClusterKinds.Classify(e) is ClusterKind.Normal or ClusterKind.ZeroAllocated or ClusterKind.Compressed)
                 {
                     FreeCluster(e);
                 }
@@ -88,7 +87,7 @@ internal sealed partial class QcowCore
                 for (var j = 0; j < perTable; j++)
                 {
                     var e = Entry(table, j);
-                    if (ClusterKinds.Classify(e) is ClusterKind.Normal or ClusterKind.ZeroAllocated)
+                    if (ClusterKinds.Classify(e) is ClusterKind.Normal or ClusterKind.ZeroAllocated or ClusterKind.Compressed)
                     {
                         FreeCluster(e);
                     }
@@ -126,32 +125,6 @@ internal sealed partial class QcowCore
         {
             file.SetLength(end);
             file.Flush();
-        }
-    }
-
-    /// <summary>Compressed clusters are not implemented here yet: refuse before changing anything.</summary>
-    private void CheckNoCompressedPast(long firstGone, long keepTables)
-    {
-        var perTable = 1 << _l2Bits;
-        for (var i = (int)Math.Max(0, keepTables - 1); i < _l1.Length; i++)
-        {
-            var table = GetL2(i);
-            if (table is null)
-            {
-                continue;
-            }
-            var from = i == keepTables - 1 ? (int)(firstGone & (perTable - 1)) : 0;
-            if (i == keepTables - 1 && firstGone >= keepTables * perTable)
-            {
-                continue;
-            }
-            for (var j = from; j < perTable; j++)
-            {
-                if (ClusterKinds.Classify(Entry(table, j)) == ClusterKind.Compressed)
-                {
-                    ThrowCompressed(((long)i << _l2Bits | (long)j) << _clusterBits);
-                }
-            }
         }
     }
 }
