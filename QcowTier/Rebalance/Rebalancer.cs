@@ -73,7 +73,7 @@ public static class Rebalancer
             : Enumerable.Range(0, inputs.Count).Select(i => (Members: new[] { i }, Budget: budgets[i])).ToArray();
 
         // The global heat order (hottest first, ties in disk order) gives every unit its rank and the skew.
-        var hottestFirst = Order(all, null, descending: true);
+        var hottestFirst = HottestFirst(all);
         var rank = new int[all.Length];
         for (var i = 0; i < hottestFirst.Length; i++)
         {
@@ -97,32 +97,38 @@ public static class Rebalancer
                 inPool[m] = true;
             }
             long used = 0;
-            var residentList = new List<int>();
-            var contenderList = new List<int>();
-            for (var u = 0; u < all.Length; u++)
+            var residentCount = 0;
+            var contenderCount = 0;
+            foreach (ref readonly var unit in all)
+            {
+                if (inPool[unit.Image])
+                {
+                    used += unit.SsdBytes;
+                    residentCount += !unit.Pinned && unit.SsdBytes > 0 ? 1 : 0;
+                    contenderCount += !unit.Pinned && unit.HddBytes > 0 && unit.Score >= policy.MinimumPromotionScore ? 1 : 0;
+                }
+            }
+            // Hottest contenders first (ties in disk order) and coldest residents first (ties in reverse
+            // disk order), both read off the one global order.
+            var residents = new int[residentCount];
+            var contenders = new int[contenderCount];
+            int ri = residentCount, ci = 0;
+            foreach (var u in hottestFirst)
             {
                 ref readonly var unit = ref all[u];
-                if (!inPool[unit.Image])
-                {
-                    continue;
-                }
-                used += unit.SsdBytes;
-                if (unit.Pinned)
+                if (!inPool[unit.Image] || unit.Pinned)
                 {
                     continue;
                 }
                 if (unit.SsdBytes > 0)
                 {
-                    residentList.Add(u);
+                    residents[--ri] = u;
                 }
                 if (unit.HddBytes > 0 && unit.Score >= policy.MinimumPromotionScore)
                 {
-                    contenderList.Add(u);
+                    contenders[ci++] = u;
                 }
             }
-            // Coldest residents first, hottest contenders first; ties by disk order.
-            var residents = Order(all, residentList, descending: false);
-            var contenders = Order(all, contenderList, descending: true);
             var r = 0;
 
             bool Fits(long bytes)
@@ -225,20 +231,17 @@ public static class Rebalancer
     }
 
     /// <summary>
-    /// Units of (or among) the given indices ordered by score, stable (equal scores keep disk order):
-    /// an LSD radix sort on the float's bits, which order like the values for the non-negative scores.
+    /// Every unit, hottest first, stable (equal scores keep disk order): an LSD radix sort on the
+    /// float's bits, which order like the values for the non-negative scores.
     /// </summary>
-    private static int[] Order(ReadOnlySpan<Unit> units, List<int>? subset, bool descending)
+    private static int[] HottestFirst(ReadOnlySpan<Unit> units)
     {
-        var n = subset?.Count ?? units.Length;
-        var items = new int[n];
-        var keys = new uint[n];
-        for (var i = 0; i < n; i++)
+        var items = new int[units.Length];
+        var keys = new uint[units.Length];
+        for (var i = 0; i < items.Length; i++)
         {
-            var u = subset is null ? i : subset[i];
-            items[i] = u;
-            var bits = BitConverter.SingleToUInt32Bits(Math.Max(0f, units[u].Score) + 0f); // +0f: no negative zero
-            keys[i] = descending ? ~bits : bits;
+            items[i] = i;
+            keys[i] = ~BitConverter.SingleToUInt32Bits(Math.Max(0f, units[i].Score) + 0f); // +0f: no negative zero
         }
         RadixSort(keys, items);
         return items;
@@ -309,7 +312,8 @@ public static class Rebalancer
 
     /// <summary>
     /// One entry per allocated unit, in disk order: placement runs come sorted, so the current unit is
-    /// always the last one added, and pins are walked with a pointer, not searched per unit.
+    /// always the last one added, and pins are walked with a pointer, not searched per unit. Counters
+    /// are read straight from the map's regions (one lookup per region, a table decode per unit).
     /// </summary>
     private static void CollectUnits(int image, QcowImage img, HeatMap heat, RebalancePolicy policy, List<Unit> units)
     {
@@ -325,49 +329,63 @@ public static class Rebalancer
             allocated += ext.Tier is null ? 0 : ext.Length;
         }
         units.EnsureCapacity((int)Math.Min(Array.MaxLength, units.Count + (allocated >> unitBits) + placement.Count + 1));
+        var decode = DecodeTable;
+        var (rw, ww) = ((float)policy.ReadWeight, (float)policy.WriteWeight);
+        var pages = heat.Pages;
+        var unitCount = heat.UnitCount;
+        HeatMap.Page? page = null;
+        var pageIndex = -1L;
         foreach (var ext in placement)
         {
             if (ext.Tier is not { } tier)
             {
                 continue;
             }
-            for (var pos = ext.Start; pos < ext.Start + ext.Length;)
+            var ssd = tier == StorageTier.Ssd;
+            var extEnd = ext.Start + ext.Length;
+            for (var pos = ext.Start; pos < extEnd;)
             {
                 var u = pos >> unitBits;
-                var n = (int)(Math.Min((u + 1) << unitBits, ext.Start + ext.Length) - pos);
+                var n = (int)(Math.Min((u + 1) << unitBits, extEnd) - pos);
                 if (u != last)
                 {
                     last = u;
-                    var h = u < heat.UnitCount ? heat.GetUnit(u) : default;
                     var start = u << unitBits;
                     while (pin < pins.Count && pins[pin].Start + pins[pin].Length <= start)
                     {
                         pin++;
                     }
-                    units.Add(new Unit
+                    var unit = new Unit { Image = image, Index = u, Pinned = pin < pins.Count && pins[pin].Start < start + unitSize };
+                    if (u >> HeatMap.PageBits != pageIndex)
                     {
-                        Image = image,
-                        Index = u,
-                        Reads = h.Reads,
-                        Writes = h.Writes,
-                        Sequential = h.Sequential,
-                        Score = (float)(policy.ReadWeight * h.Reads + policy.WriteWeight * h.Writes),
-                        Pinned = pin < pins.Count && pins[pin].Start < start + unitSize,
-                    });
+                        pageIndex = u >> HeatMap.PageBits;
+                        page = u < unitCount ? pages[pageIndex] : null;
+                    }
+                    if (page is not null && u < unitCount)
+                    {
+                        var i = (int)(u & (HeatMap.PageUnits - 1));
+                        unit.Reads = decode[HeatMap.GetCode(page.Reads, i)];
+                        unit.Writes = decode[HeatMap.GetCode(page.Writes, i)];
+                        unit.Sequential = page.Sequential is { } q ? Math.Min(decode[HeatMap.GetCode(q, i)], unit.Reads + unit.Writes) : 0;
+                        unit.Score = rw * unit.Reads + ww * unit.Writes;
+                    }
+                    units.Add(unit);
                 }
-                ref var unit = ref System.Runtime.InteropServices.CollectionsMarshal.AsSpan(units)[^1];
-                if (tier == StorageTier.Ssd)
+                ref var current = ref System.Runtime.InteropServices.CollectionsMarshal.AsSpan(units)[^1];
+                if (ssd)
                 {
-                    unit.SsdBytes += n;
+                    current.SsdBytes += n;
                 }
                 else
                 {
-                    unit.HddBytes += n;
+                    current.HddBytes += n;
                 }
                 pos += n;
             }
         }
     }
+
+    private static readonly float[] DecodeTable = Enumerable.Range(0, 256).Select(c => (float)Heat.HeatCounter.Decode((byte)c)).ToArray();
 
     /// <summary>
     /// Long runs of units whose I/O was mostly sequential keep only the score of their random share: an
