@@ -168,19 +168,22 @@ public sealed class TierCrashTests
         File.Delete(raw);
     }
 
-    /// <summary>A plain image left by a cut (maybe with a stale TIER extension and leaked clusters) can be tiered again.</summary>
+    /// <summary>
+    /// A plain image left by a cut (maybe with a stale TIER extension and leaked clusters) can be tiered
+    /// again, under the same data file name: the retry takes over the file the interrupted attach left.
+    /// </summary>
     private static void ReattachAfterCut(TierDisks after, DiskModel model, string because)
     {
         using (var rw = after.Open(readOnly: false))
         {
             rw.IsTiered.Should().BeFalse();
-            rw.AttachTier(new QcowTierOptions { DataFile = "again.hdd" });
+            rw.AttachTier(new QcowTierOptions { DataFile = "data.hdd" });
             rw.MoveToTier(0, rw.Size / 2, StorageTier.Hdd);
             TierKit.AssertContent(rw, model, because + ", attached again");
         }
         using var ro = after.Open(readOnly: true);
         ro.IsTiered.Should().BeTrue();
-        ro.TierDataFile.Should().EndWith("again.hdd");
+        ro.TierDataFile.Should().EndWith("data.hdd");
         TierKit.AssertContent(ro, model, because + ", attached again and reopened");
         TierKit.AssertRefcounts(ro, allowLeaks: true, because + ", attached again");
     }

@@ -168,7 +168,44 @@ public sealed class TierErrorTests
         act.Should().Throw<IOException>();
         File.ReadAllText(dir.File("taken.hdd")).Should().Be("someone else's file");
         img.IsTiered.Should().BeFalse();
+        // A data file of another image (a valid header naming another UUID) is refused too.
+        File.WriteAllBytes(dir.File("other.hdd"), Format.TierDataFileHeader.Build(Guid.NewGuid(), 16, 65536));
+        act = () => img.AttachTier(new QcowTierOptions { DataFile = "other.hdd" });
+        act.Should().Throw<IOException>().WithMessage("*other.hdd*already exists*");
+        // The file an interrupted attach of this image left (its header names this image) is taken over.
+        File.WriteAllBytes(dir.File("mine.hdd"), Format.TierDataFileHeader.Build(img.HeatIdentity, 16, 65536));
+        img.AttachTier(new QcowTierOptions { DataFile = "mine.hdd" });
+        img.IsTiered.Should().BeTrue();
+        img.MoveToTier(0, 1 << 20, StorageTier.Hdd);
+        img.Flush();
+        img.Read(0, new byte[3]);
         img.Dispose();
+        using var reopened = QcowImage.Open(path, new QcowOpenOptions { ReadOnly = true });
+        reopened.Check().IsClean.Should().BeTrue();
+        var buf = new byte[3];
+        reopened.Read(0, buf);
+        buf.Should().Equal(1, 2, 3);
+    }
+
+    [Fact]
+    public void Detach_keeps_the_identity_so_heat_maps_stay_valid_and_a_reattach_takes_the_old_file_over()
+    {
+        using var dir = new TempDir();
+        var path = dir.File("img.qcow2");
+        Guid id;
+        using (var img = QcowImage.Create(path, 4 << 20, new QcowCreateOptions { Tier = new QcowTierOptions { DataFile = "d.hdd", DefaultTier = StorageTier.Hdd } }))
+        {
+            img.Write(0, new byte[65536]);
+            id = img.HeatIdentity;
+            img.DetachTier(deleteDataFile: false);
+            img.HeatIdentity.Should().Be(id);
+        }
         Qemu.AssertClean(path);
+        using (var img = QcowImage.Open(path))
+        {
+            img.HeatIdentity.Should().Be(id);
+            img.AttachTier(new QcowTierOptions { DataFile = "d.hdd" });
+            img.HeatIdentity.Should().Be(id);
+        }
     }
 }

@@ -339,10 +339,11 @@ internal sealed partial class QcowCore
                 throw new ArgumentException($"the tier data file must be inside the image's folder {imageDir} (got {full})", nameof(dataFilePath));
             }
             FlushLocked();
-            // Keep a plain image's identity, so heat maps recorded before the attach stay valid.
-            var idExt = Header.Extensions.FirstOrDefault(e => e.Type == IdentityExtension && e.Data.Length >= 16);
-            var uuid = idExt is not null ? new Guid(idExt.Data.AsSpan(0, 16), bigEndian: true) : Guid.NewGuid();
-            var hdd = OpenDataFile(full, writable: true, create: true, QcowCacheMode.Writeback);
+            // The image's identity (made durable first, when it has none) becomes the tier UUID: heat maps
+            // recorded before the attach stay valid, and a retry after an interrupted attach recognises
+            // the data file that attach left behind.
+            var uuid = Identity();
+            var hdd = CreateTierDataFile(full, uuid);
             try
             {
                 hdd.Write(0, TierDataFileHeader.Build(uuid, _clusterBits, _clusterSize));
@@ -399,6 +400,46 @@ internal sealed partial class QcowCore
     }
 
     /// <summary>
+    /// A new data file; or the one an interrupted attach of this image left (its header names this
+    /// image, or it is empty because the header never reached the disk), which nothing references yet.
+    /// Any other existing file is someone else's and is refused.
+    /// </summary>
+    private ImageStorage CreateTierDataFile(string full, Guid uuid)
+    {
+        ImageStorage existing;
+        try
+        {
+            existing = OpenDataFile(full, writable: true, create: false, QcowCacheMode.Writeback);
+        }
+        catch (FileNotFoundException)
+        {
+            return OpenDataFile(full, writable: true, create: true, QcowCacheMode.Writeback);
+        }
+        try
+        {
+            var length = existing.Length;
+            var head = new byte[(int)Math.Min(length, _clusterSize)];
+            existing.Read(0, head);
+            var owner = head.Length >= TierDataFileHeader.Length && BinaryPrimitives.ReadUInt64BigEndian(head) == TierDataFileHeader.Magic
+                ? new Guid(head.AsSpan(TierDataFileHeader.OffsetUuid, 16), bigEndian: true)
+                : (Guid?)null;
+            var ours = owner == uuid;
+            var empty = length <= _clusterSize && !head.AsSpan().ContainsAnyExcept((byte)0);
+            if (!ours && !empty)
+            {
+                throw new IOException($"The tier data file '{full}' already exists and is not one an interrupted attach of this image left behind ({(owner is { } o ? $"it belongs to image {o}, this image is {uuid}" : "it is not a tier data file")}): move it away or choose another name.");
+            }
+            existing.SetLength(0);
+            return existing;
+        }
+        catch
+        {
+            existing.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>
     /// Moves every HDD cluster to the primary file, clears the incompatible bit (QEMU opens the image
     /// again from this moment), removes the extension and frees the HDD refcount structures.
     /// </summary>
@@ -421,7 +462,16 @@ internal sealed partial class QcowCore
             WriteHeaderU64(QcowHeader.OffsetIncompatibleFeatures, Header.IncompatibleFeatures);
             File.Flush();
             var list = Header.Extensions.Where(e => e.Type != TierExtension.Type).ToList();
-            RewriteExtensions(WithFeatureName(list, add: false));
+            list = WithFeatureName(list, add: false);
+            if (!list.Any(e => e.Type == IdentityExtension))
+            {
+                // The plain image keeps the tier's UUID as its identity: its heat maps stay valid.
+                var id = new byte[16];
+                _tier.Uuid.TryWriteBytes(id, bigEndian: true, out _);
+                var withId = list.Append(new HeaderExtension(IdentityExtension, id, 0)).ToList();
+                list = ExtensionsFit(withId) ? withId : list;
+            }
+            RewriteExtensions(list);
             // Only the (now unreferenced) HDD refcount structures and hints table remain to free.
             var table = _hddRefcounts!.Table;
             foreach (var block in table)
@@ -545,6 +595,13 @@ internal sealed partial class QcowCore
             if (ext is not null)
             {
                 return new Guid(ext.Data.AsSpan(0, 16), bigEndian: true);
+            }
+            // A TIER extension without the incompatible bit is what an interrupted attach or detach left:
+            // its UUID still names the image (and the data file that attach created).
+            var stale = Header.Extensions.FirstOrDefault(e => e.Type == TierExtension.Type && e.Data.Length >= TierExtension.OffsetUuid + 16);
+            if (stale is not null)
+            {
+                return new Guid(stale.Data.AsSpan(TierExtension.OffsetUuid, 16), bigEndian: true);
             }
             if (!ReadOnly && Header.Version >= 3)
             {
