@@ -17,6 +17,7 @@ internal static class Cli
         new InfoCommand(),
         new IoCommand(),
         new MapCommand(),
+        new MeasureCommand(),
         new RebalanceCommand(),
         new ResizeCommand(),
         new TierCommand(),

@@ -151,6 +151,27 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// The file sizes a new image with these options would take (qemu-img measure -O qcow2): fully
+    /// allocated, and holding <paramref name="dataBytes"/> bytes of data clusters.
+    /// </summary>
+    /// <param name="virtualSize">The guest-visible size in bytes.</param>
+    /// <param name="options">Cluster size, refcount width and preallocation (falloc and full count every cluster); null for the defaults.</param>
+    /// <param name="dataBytes">Bytes of whole data clusters the image will hold (0 for an empty image).</param>
+    /// <returns>The two sizes, equal to qemu-img's.</returns>
+    public static QcowMeasurement Measure(long virtualSize, QcowCreateOptions? options = null, long dataBytes = 0)
+        => QcowMeasure.Measure(virtualSize, options ?? new QcowCreateOptions(), dataBytes);
+
+    /// <summary>The file sizes a copy of this image with other options would take (qemu-img measure -O qcow2 FILE).</summary>
+    /// <param name="options">The target's options; null for the defaults.</param>
+    /// <returns>The two sizes, equal to qemu-img's for a source with no file-level holes inside allocated clusters.</returns>
+    public QcowMeasurement Measure(QcowCreateOptions? options = null)
+    {
+        options ??= new QcowCreateOptions();
+        var runs = GetMap().Select(e => (e.Start, e.Length, e.Kind is QcowExtentKind.Data or QcowExtentKind.Compressed));
+        return QcowMeasure.Measure(Size, options, QcowMeasure.CountData(runs, options.ClusterSize));
+    }
+
     /// <summary>Whether the bytes start with the qcow2 magic number.</summary>
     /// <param name="header">The first bytes of a file (at least 4).</param>
     /// <returns>True for a qcow2 image.</returns>
