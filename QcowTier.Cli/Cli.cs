@@ -8,6 +8,7 @@ internal static class Cli
 {
     private static readonly Command[] Commands =
     [
+        new AmendCommand(),
         new BenchCommand(),
         new CheckCommand(),
         new CompareCommand(),

@@ -86,7 +86,8 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
         try
         {
             return new QcowImage(QcowCore.Open(storage, options.ReadOnly, options.L2CacheSize, options.RefcountCacheSize,
-                tierDataFile: options.TierDataFile, cacheMode: options.CacheMode, dataFileFactory: dataFileFactory));
+                tierDataFile: options.TierDataFile, cacheMode: options.CacheMode, dataFileFactory: dataFileFactory,
+                externalDataFile: options.ExternalDataFile, allowExternalDataAnywhere: options.AllowExternalDataFileAnywhere));
         }
         catch
         {
@@ -286,6 +287,16 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
     /// <param name="preallocation">What to allocate for the new part.</param>
     public void Resize(long newSize, QcowPreallocation preallocation) => _core.Resize(newSize, preallocation);
 
+    /// <summary>Changes format options of the image in place, as qemu-img amend does (and refuses what QEMU refuses).</summary>
+    /// <param name="options">What to change.</param>
+    /// <exception cref="ArgumentException">The combination is invalid (QEMU's wording).</exception>
+    /// <exception cref="NotSupportedException">The image cannot take the change (QEMU's wording), e.g. a downgrade of an image with a data file.</exception>
+    public void Amend(QcowAmendOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        _core.Amend(options.Compat, options.LazyRefcounts, options.RefcountBits);
+    }
+
     /// <summary>Checks the image's metadata as qemu-img check does, optionally repairing it.</summary>
     /// <param name="repair">What to repair; anything but <see cref="QcowRepairMode.None"/> needs a writable image.</param>
     /// <returns>What was found and fixed.</returns>
@@ -340,8 +351,13 @@ public sealed class QcowImage : IDisposable, IAsyncDisposable
             ExtendedL2 = (h.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0,
             CompressionType = h.CompressionType == 1 ? "zstd" : "zlib",
             SnapshotCount = (int)h.NbSnapshots,
+            DataFile = _core.ExternalDataName,
+            DataFileRaw = _core.ExternalDataRaw,
         };
     }
+
+    /// <summary>The full path of the QEMU external data file (data_file) holding the guest data, or null.</summary>
+    public string? ExternalDataFile => _core.ExternalDataPath;
 
     /// <summary>Whether the image uses the tiered layout (clusters on an SSD primary file and an HDD data file).</summary>
     public bool IsTiered => _core.IsTiered;

@@ -41,6 +41,12 @@ public sealed class QcowImageInfo
 
     /// <summary>Number of internal snapshots.</summary>
     public int SnapshotCount { get; init; }
+
+    /// <summary>The QEMU external data file's name as the image stores it (data-file), or null.</summary>
+    public string? DataFile { get; init; }
+
+    /// <summary>Whether the external data file is kept a valid raw image (data-file-raw).</summary>
+    public bool DataFileRaw { get; init; }
 }
 
 /// <summary>What a run of guest bytes is backed by (qemu-img map).</summary>

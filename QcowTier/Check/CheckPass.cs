@@ -546,7 +546,10 @@ internal sealed class CheckPass
                             nextContiguous = offset + (ulong)_clusterSize;
                             lastSpace = space;
                         }
-                        refs.Add((long)offset, _clusterSize);
+                        if (!ExternalData)
+                        {
+                            refs.Add((long)offset, _clusterSize);
+                        }
                         break;
                     }
                 default:
@@ -555,6 +558,9 @@ internal sealed class CheckPass
         }
         return true;
     }
+
+    /// <summary>Clusters of a QEMU external data file are not refcounted (qcow2.txt, incompatible bit 2).</summary>
+    private bool ExternalData => (_header.IncompatibleFeatures & QcowHeader.IncompatExternalDataFile) != 0;
 
     private enum EntryType
     {
@@ -872,7 +878,7 @@ internal sealed class CheckPass
                     continue;
                 }
                 var dataOffset = entry & OffsetMask;
-                if (!SpaceOf(entry, type).OnDisk.TryGet(dataOffset >> _clusterBits, out refcount, out _, out _))
+                if (ExternalData || !SpaceOf(entry, type).OnDisk.TryGet(dataOffset >> _clusterBits, out refcount, out _, out _))
                 {
                     continue;
                 }

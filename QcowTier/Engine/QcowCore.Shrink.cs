@@ -60,7 +60,7 @@ internal sealed partial class QcowCore
                 {
                     continue;
                 }
-                if (ClusterKinds.Classify(e) is ClusterKind.Normal or ClusterKind.ZeroAllocated)
+                if (Kind(e) is ClusterKind.Normal or ClusterKind.ZeroAllocated)
                 {
                     FreeCluster(e);
                 }
@@ -88,7 +88,7 @@ internal sealed partial class QcowCore
                 for (var j = 0; j < perTable; j++)
                 {
                     var e = Entry(table, j);
-                    if (ClusterKinds.Classify(e) is ClusterKind.Normal or ClusterKind.ZeroAllocated)
+                    if (Kind(e) is ClusterKind.Normal or ClusterKind.ZeroAllocated)
                     {
                         FreeCluster(e);
                     }
@@ -110,6 +110,7 @@ internal sealed partial class QcowCore
         Header.Size = newSize;
         Volatile.Write(ref _size, newSize);
 
+        ResizeExternalData(newSize);
         GiveBackTail(_refcounts, File);
         if (_hddRefcounts is not null)
         {

@@ -49,7 +49,7 @@ internal sealed partial class QcowCore
 
     internal RefcountManager? HddRefcounts => _hddRefcounts;
 
-    private ImageStorage DataFile(int tier) => tier == Ssd ? File : _hdd!;
+    private ImageStorage DataFile(int tier) => tier == Ssd ? _external ?? File : _hdd!;
 
     private RefcountManager Allocator(int tier) => tier == Ssd ? _refcounts : _hddRefcounts!;
 
@@ -68,7 +68,11 @@ internal sealed partial class QcowCore
     private void FreeCluster(ulong entry)
     {
         var tier = EntryTier(entry);
-        Allocator(tier).QueueFree((long)(entry & ClusterLayout.L2OffsetMask), 1);
+        if (_external is null)
+        {
+            // Clusters of a QEMU external data file are not refcounted.
+            Allocator(tier).QueueFree((long)(entry & ClusterLayout.L2OffsetMask), 1);
+        }
         CountAllocated(tier, -1);
     }
 

@@ -99,7 +99,8 @@ internal sealed partial class QcowCore : IDisposable
     internal ulong[] L1 => _l1;
 
     public static QcowCore Open(ImageStorage file, bool readOnly, long l2CacheBytes = 0, long refcountCacheBytes = 0, bool repairIfDirty = true,
-        string? tierDataFile = null, QcowCacheMode cacheMode = QcowCacheMode.Writeback, Func<string, bool, bool, ImageStorage>? dataFileFactory = null)
+        string? tierDataFile = null, QcowCacheMode cacheMode = QcowCacheMode.Writeback, Func<string, bool, bool, ImageStorage>? dataFileFactory = null,
+        string? externalDataFile = null, bool allowExternalDataAnywhere = false)
     {
         var fileLength = file.Length;
         var probe = new byte[(int)Math.Min(fileLength, 1 << QcowHeader.MaxClusterBits)];
@@ -110,6 +111,7 @@ internal sealed partial class QcowCore : IDisposable
         try
         {
             core.LoadTier(tierDataFile, cacheMode);
+            core.LoadExternalData(externalDataFile, allowExternalDataAnywhere, cacheMode); // QcowCore.DataFile.cs
             if (!readOnly)
             {
                 core.OpenWritable(repairIfDirty);
@@ -118,6 +120,7 @@ internal sealed partial class QcowCore : IDisposable
         catch
         {
             core._hdd?.Dispose();
+            core._external?.Dispose();
             throw;
         }
         return core;
@@ -139,10 +142,6 @@ internal sealed partial class QcowCore : IDisposable
         if (h.CryptMethod != 0)
         {
             ThrowHelper.Unsupported(name, QcowHeader.OffsetCryptMethod, "crypt_method", $"encrypted images (crypt_method {h.CryptMethod}) are not supported");
-        }
-        if ((h.IncompatibleFeatures & QcowHeader.IncompatExternalDataFile) != 0)
-        {
-            ThrowHelper.Unsupported(name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features", "QEMU external data files (data_file) are not supported yet");
         }
         if ((h.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0)
         {
@@ -183,10 +182,12 @@ internal sealed partial class QcowCore : IDisposable
         }
         // We maintain none of QEMU's autoclear features (bitmaps, raw data file): clearing the bits
         // tells the next reader that whatever they describe may no longer match the data.
-        if (Header.Version >= 3 && Header.AutoclearFeatures != 0)
+        // The raw-data-file bit is the exception: we keep such a data file a valid raw image.
+        var kept = _external is not null ? Header.AutoclearFeatures & QcowHeader.AutoclearDataFileRaw : 0;
+        if (Header.Version >= 3 && Header.AutoclearFeatures != kept)
         {
-            Header.AutoclearFeatures = 0;
-            WriteHeaderU64(QcowHeader.OffsetAutoclearFeatures, 0);
+            Header.AutoclearFeatures = kept;
+            WriteHeaderU64(QcowHeader.OffsetAutoclearFeatures, kept);
             File.Flush();
         }
         if ((Header.IncompatibleFeatures & QcowHeader.IncompatDirty) != 0 && repairIfDirty)
@@ -351,7 +352,7 @@ internal sealed partial class QcowCore : IDisposable
         {
             SignalCorruption(l2Offset + l2Index * 8L, "L2 entry", $"Cluster allocation offset 0x{host:x} unaligned (L2 offset: 0x{l2Offset:x}, L2 index: 0x{l2Index:x})");
         }
-        if (host < _clusterSize)
+        if (host < _clusterSize && _external is null)
         {
             SignalCorruption(l2Offset + l2Index * 8L, "L2 entry", $"data cluster offset 0x{host:x} overlaps the {(EntryTier(entry) == 1 ? "tier data file header" : "header")} (L2 offset: 0x{l2Offset:x}, L2 index: 0x{l2Index:x})");
         }
@@ -400,7 +401,7 @@ internal sealed partial class QcowCore : IDisposable
         }
         var l2Off = (long)(_l1[l1Index] & ClusterLayout.L1OffsetMask);
         var e = Entry(l2, l2Index);
-        var kind = ClusterKinds.Classify(e);
+        var kind = Kind(e);
         var tier = EntryTier(e);
         long host = 0;
         if (kind is ClusterKind.Normal or ClusterKind.ZeroAllocated)
@@ -413,7 +414,7 @@ internal sealed partial class QcowCore : IDisposable
         while (bytes < maxBytes && next < l2Entries)
         {
             var ne = Entry(l2, next);
-            var nk = ClusterKinds.Classify(ne);
+            var nk = Kind(ne);
             if (nk != kind || kind == ClusterKind.Compressed)
             {
                 break;
@@ -596,7 +597,7 @@ internal sealed partial class QcowCore : IDisposable
         var m = MapLocked(offset, length, stopAtInflight: true);
         if (m.Kind == ClusterKind.Normal && IsCopied(offset))
         {
-            if (m.Tier == Ssd)
+            if (m.Tier == Ssd && _external is null)
             {
                 CheckOverlap(m.Host, m.Bytes, Meta.None);
             }
@@ -627,7 +628,7 @@ internal sealed partial class QcowCore : IDisposable
             plan.CowTier = m.Tier;
             plan.Clusters = 1;
             plan.Tier = ChooseTier(offset, 1);
-            plan.Host = Allocator(plan.Tier).Allocate(1, out plan.Fresh);
+            plan.Host = AllocateData(plan.Tier, guestCluster, 1, out plan.Fresh);
         }
         else
         {
@@ -641,14 +642,14 @@ internal sealed partial class QcowCore : IDisposable
                 plan.Tier = Ssd;
                 plan.Clusters = (int)room;
             }
-            plan.Host = Allocator(plan.Tier).Allocate(plan.Clusters, out plan.Fresh);
+            plan.Host = AllocateData(plan.Tier, guestCluster, plan.Clusters, out plan.Fresh);
         }
         if (!plan.Reused)
         {
             CountInflight(plan.Tier, plan.Clusters);
         }
         plan.Bytes = (int)Math.Min(length, ((long)plan.Clusters << _clusterBits) - head);
-        if (plan.Tier == Ssd)
+        if (plan.Tier == Ssd && _external is null)
         {
             CheckOverlap(plan.Host, (long)plan.Clusters << _clusterBits, Meta.None);
         }
@@ -706,7 +707,7 @@ internal sealed partial class QcowCore : IDisposable
         {
             if (!plan.Reused)
             {
-                Allocator(plan.Tier).FreeNow(plan.Host, plan.Clusters);
+                FreeDataNow(plan.Tier, plan.Host, plan.Clusters);
                 EndInflight(plan.Tier, plan.Clusters, installed: false);
             }
             ReleaseInflight(plan);
@@ -900,11 +901,12 @@ internal sealed partial class QcowCore : IDisposable
             return;
         }
         UpdateClusters(start, end, DiscardEntry);
+        ZeroRawData(start, end);
     }
 
     private ulong DiscardEntry(ulong e)
     {
-        var kind = ClusterKinds.Classify(e);
+        var kind = Kind(e);
         switch (kind)
         {
             case ClusterKind.Normal:
@@ -947,6 +949,7 @@ internal sealed partial class QcowCore : IDisposable
         if (Header.Version >= 3)
         {
             UpdateClusters(alignedStart, Math.Min(alignedEnd, RoundUp(Size)), e => ZeroEntry(e, mayUnmap), allocateTables: true);
+            ZeroRawData(alignedStart, alignedEnd);
         }
         else if (mayUnmap)
         {
@@ -975,7 +978,7 @@ internal sealed partial class QcowCore : IDisposable
 
     private ulong ZeroEntry(ulong e, bool mayUnmap)
     {
-        var kind = ClusterKinds.Classify(e);
+        var kind = Kind(e);
         switch (kind)
         {
             case ClusterKind.Normal:
@@ -1169,6 +1172,7 @@ internal sealed partial class QcowCore : IDisposable
         _hddRefcounts?.WriteBlocks();
         _refcounts.WriteBlocks();
         _hdd?.Flush();
+        _external?.Flush();
         File.Flush();
         if (_refcounts.HasDirtyTable || _hddRefcounts?.HasDirtyTable == true)
         {
@@ -1246,6 +1250,7 @@ internal sealed partial class QcowCore : IDisposable
             File.Flush();
             Header.Size = newSize;
             Volatile.Write(ref _size, newSize);
+            ResizeExternalData(newSize);
         }
     }
 
@@ -1449,6 +1454,7 @@ internal sealed partial class QcowCore : IDisposable
             _disposed = true;
             File.Dispose();
             _hdd?.Dispose();
+            _external?.Dispose();
         }
     }
 }

@@ -34,10 +34,38 @@ internal static class QcowCreator
         {
             throw new ArgumentException("Tiered images need compatibility level 1.1 (compat=1.1)", nameof(o));
         }
+        if (o.DataFile is not null && o.Compat == QcowCompat.V2)
+        {
+            throw new ArgumentException("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)", nameof(o));
+        }
+        if (o.DataFileRaw && o.DataFile is null)
+        {
+            throw new ArgumentException("data-file-raw requires data-file", nameof(o));
+        }
+        if (o.DataFile is not null && o.Tier is not null)
+        {
+            throw new ArgumentException("A tiered image cannot also use a QEMU external data file (data_file)", nameof(o));
+        }
         if (size < 0 || size > QcowHeader.MaxVirtualSize)
         {
             throw new ArgumentOutOfRangeException(nameof(size), $"image size {size} is out of range");
         }
+    }
+
+    /// <summary>
+    /// Where a new external data file goes (relative names: the image's folder) and the name stored for
+    /// it: relative to the image's folder when it lies inside it, so the image opens without options.
+    /// </summary>
+    private static (string Path, string Stored) ExternalDataLocation(string? imageName, string name)
+    {
+        var dir = imageName is null ? null : Path.GetDirectoryName(Path.GetFullPath(imageName));
+        if (dir is null)
+        {
+            return (Path.GetFullPath(name), name);
+        }
+        var full = Path.GetFullPath(Path.Combine(dir, name));
+        var prefix = dir.EndsWith(Path.DirectorySeparatorChar) ? dir : dir + Path.DirectorySeparatorChar;
+        return (full, full.StartsWith(prefix, StringComparison.Ordinal) ? Path.GetRelativePath(dir, full) : name);
     }
 
     public static QcowCore Create(ImageStorage file, long size, QcowCreateOptions o, Func<string, bool, bool, ImageStorage>? dataFileFactory = null)
@@ -63,6 +91,15 @@ internal static class QcowCreator
         {
             header.Extensions.Add(new HeaderExtension(HeaderExtension.FeatureNameTable, HeaderExtension.QemuFeatureNameTable(), 0));
         }
+        string? dataPath = null;
+        if (o.DataFile is not null)
+        {
+            (dataPath, var stored) = ExternalDataLocation(file.Name, o.DataFile);
+            QcowCore.DescribeExternalData(header, stored, o.DataFileRaw);
+            using var data = dataFileFactory is not null ? dataFileFactory(dataPath, true, true) : FileStorage.Open(dataPath, writable: true, create: true);
+            data.SetLength(0);
+            data.Flush();
+        }
         var image = new byte[3 * cs];
         header.WriteNew(image.AsSpan(0, cs));
         BinaryPrimitives.WriteUInt64BigEndian(image.AsSpan(cs), (ulong)(2 * cs));
@@ -73,7 +110,7 @@ internal static class QcowCreator
         file.SetLength(0);
         file.Write(0, image);
         file.Flush();
-        var core = QcowCore.Open(file, readOnly: false, dataFileFactory: dataFileFactory);
+        var core = QcowCore.Open(file, readOnly: false, dataFileFactory: dataFileFactory, externalDataFile: dataPath);
         try
         {
             if (o.Tier is not null)
