@@ -87,7 +87,9 @@ internal static class QcowCreator
             RefcountOrder = BitOperations.Log2((uint)o.RefcountBits),
             CompatibleFeatures = o.LazyRefcounts ? QcowHeader.CompatLazyRefcounts : 0,
         };
-        if (o.Compat == QcowCompat.V3)
+        // As QEMU 7.2: an image with an external data file gets no feature name table (it would not fit
+        // beside the name in a 512-byte cluster, and QEMU names its own features without it).
+        if (o.Compat == QcowCompat.V3 && o.DataFile is null)
         {
             header.Extensions.Add(new HeaderExtension(HeaderExtension.FeatureNameTable, HeaderExtension.QemuFeatureNameTable(), 0));
         }
