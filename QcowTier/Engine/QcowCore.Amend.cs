@@ -161,9 +161,11 @@ internal sealed partial class QcowCore
     private void RewriteHeader(uint version)
     {
         var exts = Header.Extensions.Where(e => e.Type != HeaderExtension.FeatureNameTable && (version >= 3 || e.Type != HeaderExtension.Bitmaps)).ToList();
-        if (version >= 3)
+        if (version >= 3 && _clusterSize >= QcowCreator.QemuFeatureTableMinCluster)
         {
-            exts.Insert(0, new HeaderExtension(HeaderExtension.FeatureNameTable, HeaderExtension.QemuFeatureNameTable(), 0));
+            // Where QEMU puts it, and only where QEMU writes one at all (clusters of 8 KiB and more).
+            exts.Insert(exts.FindIndex(e => e.Type != HeaderExtension.BackingFormat && e.Type != HeaderExtension.ExternalDataFile) is var i and >= 0 ? i : exts.Count,
+                new HeaderExtension(HeaderExtension.FeatureNameTable, HeaderExtension.QemuFeatureNameTable(), 0));
         }
         var headerLength = version >= 3 ? QcowHeader.V3Length : QcowHeader.V2Length;
         var size = headerLength + exts.Sum(e => 8 + ((e.Data.Length + 7) & ~7)) + 8;

@@ -12,6 +12,9 @@ namespace QcowTier.Engine;
 /// </summary>
 internal static class QcowCreator
 {
+    /// <summary>QEMU 7.2 writes its feature name table only into header clusters of at least this size.</summary>
+    internal const int QemuFeatureTableMinCluster = 8192;
+
     public static void Validate(long size, QcowCreateOptions o)
     {
         if (o.ClusterSize < 512 || o.ClusterSize > 2 * 1024 * 1024 || !BitOperations.IsPow2(o.ClusterSize))
@@ -87,9 +90,9 @@ internal static class QcowCreator
             RefcountOrder = BitOperations.Log2((uint)o.RefcountBits),
             CompatibleFeatures = o.LazyRefcounts ? QcowHeader.CompatLazyRefcounts : 0,
         };
-        // As QEMU 7.2: an image with an external data file gets no feature name table (it would not fit
-        // beside the name in a 512-byte cluster, and QEMU names its own features without it).
-        if (o.Compat == QcowCompat.V3 && o.DataFile is null)
+        // An image with an external data file gets QEMU 7.2's header exactly: the feature name table only
+        // with clusters of 8 KiB and more (QEMU leaves it out of smaller ones), after the data file name.
+        if (o.Compat == QcowCompat.V3 && (o.DataFile is null || cs >= QemuFeatureTableMinCluster))
         {
             header.Extensions.Add(new HeaderExtension(HeaderExtension.FeatureNameTable, HeaderExtension.QemuFeatureNameTable(), 0));
         }
