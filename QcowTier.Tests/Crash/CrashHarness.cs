@@ -9,6 +9,12 @@ internal sealed record Effect(long Offset, long Length, byte[]? Data)
     public byte ValueAt(long pos) => Data is null ? (byte)0 : Data[pos - Offset];
 }
 
+/// <summary>qemu-img amend in the middle of a sequence (the content never changes).</summary>
+internal sealed record AmendOp(QcowAmendOptions Options) : Op
+{
+    public override string ToString() => $"amend compat={Options.Compat} lazy={Options.LazyRefcounts} bits={Options.RefcountBits}";
+}
+
 /// <summary>How the unflushed writes are treated at the power cut.</summary>
 internal enum CrashMode
 {
@@ -113,6 +119,7 @@ internal static class CrashHarness
             case ZeroOp z: image.WriteZeroes(z.Offset, z.Length, z.Unmap); break;
             case DiscardOp d: image.Discard(d.Offset, d.Length); break;
             case ResizeOp r: image.Resize(r.NewSize); break;
+            case AmendOp a: image.Amend(a.Options); break;
             case FlushOp: image.Flush(); break;
             case ReopenOp:
                 var cs = image.ClusterSize;
