@@ -194,6 +194,23 @@ public sealed class CrashTests
                         new ZeroOp(0, 8192, Unmap: false),
                     ]);
                 }
+            case "grow-preallocated":
+                {
+                    // resize --preallocation: tables and data clusters linked (and zeroes written for full) before the size.
+                    var f = new ImageFormat(4096, 16, V2: false, Lazy: false);
+                    return new Scenario(f, 512 << 10,
+                    [
+                        new WriteOp(1000, Data(100, 20000)),
+                    ],
+                    [
+                        new PreallocatedResizeOp(3L << 20, QcowPreallocation.Metadata),
+                        new WriteOp((3L << 20) - 5000, Data(101, 5000)),
+                        new FlushOp(),
+                        new PreallocatedResizeOp(4L << 20, QcowPreallocation.Full),
+                        new WriteOp(3L << 20, Data(102, 7000)),
+                        new PreallocatedResizeOp((5L << 20) + 512, QcowPreallocation.Falloc),
+                    ]);
+                }
             default:
                 throw new ArgumentException(name, nameof(name));
         }
@@ -211,6 +228,7 @@ public sealed class CrashTests
         "shrink",
         "amend-refcount-width",
         "amend-downgrade",
+        "grow-preallocated",
     };
 
     /// <summary>Every unflushed write lost, at an even spread of cut points (all of them when few).</summary>
