@@ -319,6 +319,10 @@ internal sealed partial class QcowCore
         {
             throw new QcowUnsupportedFeatureException("tiering needs a version 3 image (compat=1.1)", Name, QcowHeader.OffsetVersion, "version");
         }
+        if (_external is not null)
+        {
+            throw new QcowUnsupportedFeatureException("an image with a QEMU external data file (data_file) cannot be tiered", Name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features");
+        }
         lock (_lock)
         {
             if (_tier is not null)
