@@ -97,4 +97,19 @@ public sealed class AmendAndDataFileCliTests
         CliHarness.Run("map", "--output=json", dir.File("q.qcow2")).StdOut
             .Should().Be(Qemu.RunIn(dir.Path, "qemu-img", "map", "--output=json", "q.qcow2").StdOut);
     }
+
+    /// <summary>Data clusters of an external data file are not refcounted, and guest cluster 0 sits at host offset 0.</summary>
+    [Theory]
+    [InlineData("human")]
+    [InlineData("json")]
+    public void Check_of_a_data_file_image_prints_what_qemu_img_prints(string output)
+    {
+        using var dir = new TempDir();
+        Qemu.RunIn(dir.Path, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=c.raw,cluster_size=4096", "c.qcow2", "1M").EnsureSuccess();
+        Qemu.RunIn(dir.Path, "qemu-io", "-f", "qcow2", "-c", "write -q 0 8k", "-c", "write -q 12k 4k", "-c", "write -q -z 64k 4k", "c.qcow2").EnsureSuccess();
+        var theirs = Qemu.RunIn(dir.Path, "qemu-img", "check", "--output=" + output, "c.qcow2");
+        var ours = CliHarness.Run("check", "--output=" + output, dir.File("c.qcow2"));
+        ours.ExitCode.Should().Be(theirs.ExitCode).And.Be(0);
+        ours.StdOut.Replace(dir.Path + "/", "", StringComparison.Ordinal).Should().Be(theirs.StdOut);
+    }
 }

@@ -479,6 +479,10 @@ internal sealed class CheckPass
                 continue;
             }
             var type = Classify(entry);
+            if (type == EntryType.Unallocated && ExternalData && (entry & ClusterLayout.Copied) != 0)
+            {
+                type = EntryType.Normal; // offset 0 of an external data file (QEMU tells it apart by COPIED)
+            }
             var space = SpaceOf(entry, type);
             if (type != EntryType.Compressed && (entry & ReservedMask(type)) != 0)
             {
