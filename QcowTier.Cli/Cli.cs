@@ -8,6 +8,7 @@ internal static class Cli
 {
     private static readonly Command[] Commands =
     [
+        new AmendCommand(),
         new BenchCommand(),
         new CheckCommand(),
         new CompareCommand(),
@@ -17,6 +18,7 @@ internal static class Cli
         new InfoCommand(),
         new IoCommand(),
         new MapCommand(),
+        new MeasureCommand(),
         new RebalanceCommand(),
         new ResizeCommand(),
         new ServeCommand(),

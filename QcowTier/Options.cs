@@ -98,6 +98,18 @@ public sealed class QcowOpenOptions
 
     /// <summary>With <see cref="QcowBackingPolicy.WithinRoot"/>: the folder every backing file must lie in; null for the image's own folder.</summary>
     public string? BackingRoot { get; init; }
+
+    /// <summary>
+    /// For images with a QEMU external data file (data_file): the file to use instead of the one the image
+    /// names (QEMU's data-file open option; required for stream and handle opens).
+    /// </summary>
+    public string? ExternalDataFile { get; init; }
+
+    /// <summary>
+    /// Follow an external data file name that is absolute or leaves the image's folder. Off by default:
+    /// a hostile image must not make us open arbitrary files.
+    /// </summary>
+    public bool AllowExternalDataFileAnywhere { get; init; }
 }
 
 /// <summary>Options for creating an image (qemu-img create -o).</summary>
@@ -135,4 +147,30 @@ public sealed class QcowCreateOptions
 
     /// <summary>The backing file's format, "qcow2" or "raw" (-F), stored in the image; null to detect it from the file's magic.</summary>
     public string? BackingFormat { get; init; }
+
+    /// <summary>
+    /// QEMU's external data file (data_file; version 3, not with <see cref="Tier"/>): guest data goes to this
+    /// file at the guest offsets, metadata stays in the image. A relative name is relative to the image's
+    /// folder; the file is created (replaced) with the image.
+    /// </summary>
+    public string? DataFile { get; init; }
+
+    /// <summary>Keep <see cref="DataFile"/> a valid raw image of the virtual disk (data_file_raw).</summary>
+    public bool DataFileRaw { get; init; }
+}
+
+/// <summary>What <see cref="QcowImage.Amend"/> changes (qemu-img amend -o); null leaves a setting as it is.</summary>
+public sealed class QcowAmendOptions
+{
+    /// <summary>
+    /// The format version (compat). A downgrade to version 2 needs 16-bit refcounts and no incompatible
+    /// features; zero clusters are expanded (the content never changes).
+    /// </summary>
+    public QcowCompat? Compat { get; init; }
+
+    /// <summary>Lazy refcounts on (version 3 only) or off (the refcounts are made right first).</summary>
+    public bool? LazyRefcounts { get; init; }
+
+    /// <summary>A new refcount width (1 to 64 bits, a power of two; version 3 for anything but 16): the refcount structures are rewritten crash-safely.</summary>
+    public int? RefcountBits { get; init; }
 }

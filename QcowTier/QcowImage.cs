@@ -87,7 +87,8 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
         {
             var core = QcowCore.Open(storage, options.ReadOnly, options.L2CacheSize, options.RefcountCacheSize,
                 tierDataFile: options.TierDataFile, cacheMode: options.CacheMode, dataFileFactory: dataFileFactory,
-                backing: BackingContextFor(options));
+                backing: BackingContextFor(options),
+                externalDataFile: options.ExternalDataFile, allowExternalDataAnywhere: options.AllowExternalDataFileAnywhere);
             if (options.Snapshot is not null)
             {
                 OpenSnapshotView(core, options);
@@ -155,6 +156,27 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
             storage.Dispose();
             throw;
         }
+    }
+
+    /// <summary>
+    /// The file sizes a new image with these options would take (qemu-img measure -O qcow2): fully
+    /// allocated, and holding <paramref name="dataBytes"/> bytes of data clusters.
+    /// </summary>
+    /// <param name="virtualSize">The guest-visible size in bytes.</param>
+    /// <param name="options">Cluster size, refcount width and preallocation (falloc and full count every cluster); null for the defaults.</param>
+    /// <param name="dataBytes">Bytes of whole data clusters the image will hold (0 for an empty image).</param>
+    /// <returns>The two sizes, equal to qemu-img's.</returns>
+    public static QcowMeasurement Measure(long virtualSize, QcowCreateOptions? options = null, long dataBytes = 0)
+        => QcowMeasure.Measure(virtualSize, options ?? new QcowCreateOptions(), dataBytes);
+
+    /// <summary>The file sizes a copy of this image with other options would take (qemu-img measure -O qcow2 FILE).</summary>
+    /// <param name="options">The target's options; null for the defaults.</param>
+    /// <returns>The two sizes, equal to qemu-img's for a source with no file-level holes inside allocated clusters.</returns>
+    public QcowMeasurement Measure(QcowCreateOptions? options = null)
+    {
+        options ??= new QcowCreateOptions();
+        var runs = GetMap().Select(e => (e.Start, e.Length, e.Kind is QcowExtentKind.Data or QcowExtentKind.Compressed));
+        return QcowMeasure.Measure(Size, options, QcowMeasure.CountData(runs, options.ClusterSize));
     }
 
     /// <summary>Whether the bytes start with the qcow2 magic number.</summary>
@@ -288,6 +310,16 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
     /// <param name="preallocation">What to allocate for the new part.</param>
     public void Resize(long newSize, QcowPreallocation preallocation) => _core.Resize(newSize, preallocation);
 
+    /// <summary>Changes format options of the image in place, as qemu-img amend does (and refuses what QEMU refuses).</summary>
+    /// <param name="options">What to change.</param>
+    /// <exception cref="ArgumentException">The combination is invalid (QEMU's wording).</exception>
+    /// <exception cref="NotSupportedException">The image cannot take the change (QEMU's wording), e.g. a downgrade of an image with a data file.</exception>
+    public void Amend(QcowAmendOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        _core.Amend(options.Compat, options.LazyRefcounts, options.RefcountBits);
+    }
+
     /// <summary>Checks the image's metadata as qemu-img check does, optionally repairing it.</summary>
     /// <param name="repair">What to repair; anything but <see cref="QcowRepairMode.None"/> needs a writable image.</param>
     /// <returns>What was found and fixed.</returns>
@@ -342,8 +374,13 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
             ExtendedL2 = (h.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0,
             CompressionType = h.CompressionType == 1 ? "zstd" : "zlib",
             SnapshotCount = (int)h.NbSnapshots,
+            DataFile = _core.ExternalDataName,
+            DataFileRaw = _core.ExternalDataRaw,
         };
     }
+
+    /// <summary>The full path of the QEMU external data file (data_file) holding the guest data, or null.</summary>
+    public string? ExternalDataFile => _core.ExternalDataPath;
 
     /// <summary>Whether the image uses the tiered layout (clusters on an SSD primary file and an HDD data file).</summary>
     public bool IsTiered => _core.IsTiered;

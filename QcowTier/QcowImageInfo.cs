@@ -41,6 +41,12 @@ public sealed class QcowImageInfo
 
     /// <summary>Number of internal snapshots.</summary>
     public int SnapshotCount { get; init; }
+
+    /// <summary>The QEMU external data file's name as the image stores it (data-file), or null.</summary>
+    public string? DataFile { get; init; }
+
+    /// <summary>Whether the external data file is kept a valid raw image (data-file-raw).</summary>
+    public bool DataFileRaw { get; init; }
 }
 
 /// <summary>What a run of guest bytes is backed by (qemu-img map).</summary>
@@ -115,3 +121,8 @@ public sealed class QcowCheckResult
     /// <summary>qemu-img check's exit code: 0 clean, 1 check failed, 2 corruptions, 3 leaks only.</summary>
     public int ExitCode => CheckErrors > 0 ? 1 : Corruptions > 0 ? 2 : Leaks > 0 ? 3 : 0;
 }
+
+/// <summary>What qemu-img measure reports for a qcow2 target.</summary>
+/// <param name="RequiredBytes">The file size a new image needs for the data measured (its metadata counted as if fully allocated).</param>
+/// <param name="FullyAllocatedBytes">The file size of the image with every cluster allocated.</param>
+public readonly record struct QcowMeasurement(long RequiredBytes, long FullyAllocatedBytes);

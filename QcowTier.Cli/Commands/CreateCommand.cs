@@ -15,7 +15,9 @@ internal sealed class CreateCommand : Command
           -f fmt       qcow2 or raw (default raw)
           -o options   comma-separated key=value list; '-o help' lists them. qcow2: cluster_size,
                        refcount_bits, compat=0.10|1.1|v2|v3, lazy_refcounts=on|off,
-                       preallocation=off|metadata. raw: preallocation=off|falloc|full
+                       preallocation=off|metadata|falloc|full, data_file=NAME (QEMU external
+                       data file, relative to the image's folder), data_file_raw=on|off.
+                       raw: preallocation=off|falloc|full
           -q           quiet: print nothing on success
           size         bytes, or with a suffix k, M, G, T, P, E (also b, K); rounded up to 512
 

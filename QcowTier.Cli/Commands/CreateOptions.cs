@@ -79,6 +79,10 @@ internal sealed class CreateOptions
         return result;
     }
 
+    /// <summary>The keys given in -o arguments, in order (for verbs that accept only some of them).</summary>
+    public static IEnumerable<string> Keys(IEnumerable<string> optionArgs)
+        => optionArgs.SelectMany(a => a.Split(',', StringSplitOptions.RemoveEmptyEntries)).Select(i => i.Split('=', 2)[0]);
+
     /// <summary>"-o help": the options of the format.</summary>
     public static bool IsHelp(IEnumerable<string> optionArgs) => optionArgs.Any(a => a is "help" or "?");
 
@@ -173,10 +177,6 @@ internal sealed class CreateOptions
         {
             throw new CliException("backing files are not supported yet");
         }
-        if (IsSet("data_file") || IsSet("data_file_raw"))
-        {
-            throw new CliException("external data files are not supported yet");
-        }
         if (Flag("encryption") || IsSet("encrypt.format"))
         {
             throw new CliException("encrypted images are not supported");
@@ -227,6 +227,15 @@ internal sealed class CreateOptions
         {
             throw new CliException("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
+        var dataFile = Text("data_file") is { Length: > 0 } df ? df : null;
+        if (dataFile is not null && compat == QcowCompat.V2)
+        {
+            throw new CliException("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
+        }
+        if (Flag("data_file_raw") && dataFile is null)
+        {
+            throw new CliException("data-file-raw requires data-file");
+        }
         // QEMU's limit is the L1 table's size (32 MiB of 8-byte entries, each mapping one L2 table).
         var l2Coverage = (UInt128)clusterSize * (clusterSize / 8);
         if ((UInt128)size > l2Coverage * (32UL * 1024 * 1024 / 8) || size > (1L << 62))
@@ -234,15 +243,19 @@ internal sealed class CreateOptions
             throw new CliException("The image size is too large for file format 'qcow2' (try using a larger cluster size)");
         }
         QcowTierOptions? tier = null;
-        if (Text("tier_data_file") is { Length: > 0 } dataFile)
+        if (Text("tier_data_file") is { Length: > 0 } tierDataFile)
         {
+            if (dataFile is not null)
+            {
+                throw new CliException("A tiered image cannot also use a QEMU external data file (data_file)");
+            }
             if (compat == QcowCompat.V2)
             {
                 throw new CliException("Tiered images need compatibility level 1.1 (compat=1.1)");
             }
             tier = new QcowTierOptions
             {
-                DataFile = dataFile,
+                DataFile = tierDataFile,
                 DefaultTier = Text("tier_default") switch
                 {
                     null or "ssd" => StorageTier.Ssd,
@@ -264,6 +277,8 @@ internal sealed class CreateOptions
             LazyRefcounts = lazy,
             Preallocation = prealloc,
             Tier = tier,
+            DataFile = dataFile,
+            DataFileRaw = Flag("data_file_raw"),
         };
     }
 

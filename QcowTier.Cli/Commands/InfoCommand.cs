@@ -73,6 +73,11 @@ internal sealed class InfoCommand : Command
                 data.Add("corrupt", qi.Corrupt);
             }
             data.Add("refcount-bits", (long)qi.RefcountBits);
+            if (qi.DataFile is not null)
+            {
+                data.Add("data-file", qi.DataFile);
+                data.Add("data-file-raw", qi.DataFileRaw);
+            }
             if (qi.Version >= 3)
             {
                 data.Add("extended-l2", qi.ExtendedL2);

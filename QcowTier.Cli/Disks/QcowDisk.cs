@@ -95,6 +95,10 @@ internal sealed class QcowDisk : Disk
     {
         switch (e.Kind)
         {
+            case QcowExtentKind.Unallocated when Image.GetInfo().DataFileRaw:
+                // QEMU: a raw external data file is the disk itself, so what qcow2 leaves unallocated is data there.
+                yield return new BlockStatus(e.Start, e.Length, Present: true, Zero: false, Data: true, Offset: e.Start);
+                break;
             case QcowExtentKind.Unallocated:
                 yield return new BlockStatus(e.Start, e.Length, Present: false, Zero: true, Data: false, Offset: null);
                 break;
@@ -105,7 +109,7 @@ internal sealed class QcowDisk : Disk
                 yield return new BlockStatus(e.Start, e.Length, Present: true, Zero: false, Data: true, Offset: null, e.Tier);
                 break;
             default:
-                if (e.HostOffset is { } host && IsMetadataPreallocated())
+                if (e.HostOffset is { } host && Image.ExternalDataFile is null && IsMetadataPreallocated())
                 {
                     foreach (var s in RecurseIntoFile(e.Start, e.Length, host))
                     {

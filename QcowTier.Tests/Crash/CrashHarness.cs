@@ -9,6 +9,18 @@ internal sealed record Effect(long Offset, long Length, byte[]? Data)
     public byte ValueAt(long pos) => Data is null ? (byte)0 : Data[pos - Offset];
 }
 
+/// <summary>qemu-img amend in the middle of a sequence (the content never changes).</summary>
+internal sealed record AmendOp(QcowAmendOptions Options) : Op
+{
+    public override string ToString() => $"amend compat={Options.Compat} lazy={Options.LazyRefcounts} bits={Options.RefcountBits}";
+}
+
+/// <summary>qemu-img resize --preallocation (growth; the new part reads as zeroes).</summary>
+internal sealed record PreallocatedResizeOp(long NewSize, QcowPreallocation Mode) : Op
+{
+    public override string ToString() => $"resize {NewSize} --preallocation={Mode}";
+}
+
 /// <summary>How the unflushed writes are treated at the power cut.</summary>
 internal enum CrashMode
 {
@@ -67,7 +79,7 @@ internal static class CrashHarness
                 // Record first: an operation interrupted by the cut may have landed partly.
                 RecordEffects(op, live, fmt.ClusterSize, after, sizes);
                 Apply(ref image, storage, op);
-                live.Apply(op);
+                live.Apply(op is PreallocatedResizeOp p ? new ResizeOp(p.NewSize) : op);
                 if (op is FlushOp)
                 {
                     flushed = live.Clone();
@@ -113,6 +125,8 @@ internal static class CrashHarness
             case ZeroOp z: image.WriteZeroes(z.Offset, z.Length, z.Unmap); break;
             case DiscardOp d: image.Discard(d.Offset, d.Length); break;
             case ResizeOp r: image.Resize(r.NewSize); break;
+            case AmendOp a: image.Amend(a.Options); break;
+            case PreallocatedResizeOp p: image.Resize(p.NewSize, p.Mode); break;
             case FlushOp: image.Flush(); break;
             case ReopenOp:
                 var cs = image.ClusterSize;
@@ -142,6 +156,9 @@ internal static class CrashHarness
                 {
                     after.Add(new Effect(start, end - start, null));
                 }
+                break;
+            case PreallocatedResizeOp p:
+                sizes.Add(p.NewSize);
                 break;
             case ResizeOp r:
                 sizes.Add(r.NewSize);

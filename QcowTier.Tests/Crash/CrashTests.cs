@@ -156,6 +156,61 @@ public sealed class CrashTests
                         new WriteOp(5000, Data(73, 3000)),
                     ]);
                 }
+            case "amend-refcount-width":
+                {
+                    // The refcount structures are rewritten and switched to with one header write; a cut leaks at worst.
+                    var f = new ImageFormat(4096, 16, V2: false, Lazy: false);
+                    return new Scenario(f, 2L << 20,
+                    [
+                        new WriteOp(0, Data(80, 300 << 10)),
+                        new WriteOp(1L << 20, Data(81, 100 << 10)),
+                    ],
+                    [
+                        new AmendOp(new QcowAmendOptions { RefcountBits = 1 }),
+                        new WriteOp(600 << 10, Data(82, 50000)),
+                        new FlushOp(),
+                        new AmendOp(new QcowAmendOptions { RefcountBits = 64 }),
+                        new DiscardOp(0, 64 << 10),
+                        new WriteOp(1500 << 10, Data(83, 9000)),
+                    ]);
+                }
+            case "amend-downgrade":
+                {
+                    // Zero clusters expanded (zeroes written first), then the header rewritten as version 2; and back.
+                    var f = new ImageFormat(4096, 16, V2: false, Lazy: true);
+                    return new Scenario(f, 2L << 20,
+                    [
+                        new WriteOp(0, Data(90, 200 << 10)),
+                        new ZeroOp(16 << 10, 32 << 10, Unmap: false),
+                        new ZeroOp(100 << 10, 16 << 10, Unmap: true),
+                        new ZeroOp(1L << 20, 64 << 10, Unmap: false),
+                    ],
+                    [
+                        new WriteOp(300 << 10, Data(91, 5000)),
+                        new AmendOp(new QcowAmendOptions { Compat = QcowCompat.V2 }),
+                        new WriteOp(400 << 10, Data(92, 5000)),
+                        new FlushOp(),
+                        new AmendOp(new QcowAmendOptions { Compat = QcowCompat.V3, LazyRefcounts = true }),
+                        new ZeroOp(0, 8192, Unmap: false),
+                    ]);
+                }
+            case "grow-preallocated":
+                {
+                    // resize --preallocation: tables and data clusters linked (and zeroes written for full) before the size.
+                    var f = new ImageFormat(4096, 16, V2: false, Lazy: false);
+                    return new Scenario(f, 512 << 10,
+                    [
+                        new WriteOp(1000, Data(100, 20000)),
+                    ],
+                    [
+                        new PreallocatedResizeOp(3L << 20, QcowPreallocation.Metadata),
+                        new WriteOp((3L << 20) - 5000, Data(101, 5000)),
+                        new FlushOp(),
+                        new PreallocatedResizeOp(4L << 20, QcowPreallocation.Full),
+                        new WriteOp(3L << 20, Data(102, 7000)),
+                        new PreallocatedResizeOp((5L << 20) + 512, QcowPreallocation.Falloc),
+                    ]);
+                }
             default:
                 throw new ArgumentException(name, nameof(name));
         }
@@ -171,6 +226,9 @@ public sealed class CrashTests
         "lazy-refcounts",
         "reopen",
         "shrink",
+        "amend-refcount-width",
+        "amend-downgrade",
+        "grow-preallocated",
     };
 
     /// <summary>Every unflushed write lost, at an even spread of cut points (all of them when few).</summary>

@@ -23,7 +23,10 @@ public static class Qemu
 
     public static Result Io(params string[] args) => Run("qemu-io", args);
 
-    public static Result Run(string tool, IEnumerable<string> args, TimeSpan? timeout = null)
+    /// <summary>Runs a tool in a folder: QEMU resolves relative external data file names against its working directory.</summary>
+    public static Result RunIn(string workingDirectory, string tool, params string[] args) => Run(tool, args, workingDirectory: workingDirectory);
+
+    public static Result Run(string tool, IEnumerable<string> args, TimeSpan? timeout = null, string? workingDirectory = null)
     {
         // Tests run in parallel and spawn processes: a child forked by another test can hold a copy of
         // a descriptor we just closed until it execs, and with it our image lock. QEMU does not retry
@@ -31,7 +34,7 @@ public static class Qemu
         var list = args.ToList();
         for (var attempt = 0; ; attempt++)
         {
-            var r = RunOnce(tool, list, timeout);
+            var r = RunOnce(tool, list, timeout, workingDirectory);
             if (r.ExitCode == 0 || attempt == 20 || !r.StdErr.Contains("lock", StringComparison.Ordinal) || !r.StdErr.Contains("Failed to get", StringComparison.Ordinal))
             {
                 return r;
@@ -40,10 +43,11 @@ public static class Qemu
         }
     }
 
-    private static Result RunOnce(string tool, IEnumerable<string> args, TimeSpan? timeout)
+    private static Result RunOnce(string tool, IEnumerable<string> args, TimeSpan? timeout, string? workingDirectory)
     {
         var psi = new ProcessStartInfo(tool)
         {
+            WorkingDirectory = workingDirectory ?? "",
             RedirectStandardOutput = true,
             RedirectStandardError = true,
             UseShellExecute = false,

@@ -479,6 +479,10 @@ internal sealed class CheckPass
                 continue;
             }
             var type = Classify(entry);
+            if (type == EntryType.Unallocated && ExternalData && (entry & ClusterLayout.Copied) != 0)
+            {
+                type = EntryType.Normal; // offset 0 of an external data file (QEMU tells it apart by COPIED)
+            }
             var space = SpaceOf(entry, type);
             if (type != EntryType.Compressed && (entry & ReservedMask(type)) != 0)
             {
@@ -546,7 +550,10 @@ internal sealed class CheckPass
                             nextContiguous = offset + (ulong)_clusterSize;
                             lastSpace = space;
                         }
-                        refs.Add((long)offset, _clusterSize);
+                        if (!ExternalData)
+                        {
+                            refs.Add((long)offset, _clusterSize);
+                        }
                         break;
                     }
                 default:
@@ -555,6 +562,9 @@ internal sealed class CheckPass
         }
         return true;
     }
+
+    /// <summary>Clusters of a QEMU external data file are not refcounted (qcow2.txt, incompatible bit 2).</summary>
+    private bool ExternalData => (_header.IncompatibleFeatures & QcowHeader.IncompatExternalDataFile) != 0;
 
     private enum EntryType
     {
@@ -872,7 +882,7 @@ internal sealed class CheckPass
                     continue;
                 }
                 var dataOffset = entry & OffsetMask;
-                if (!SpaceOf(entry, type).OnDisk.TryGet(dataOffset >> _clusterBits, out refcount, out _, out _))
+                if (ExternalData || !SpaceOf(entry, type).OnDisk.TryGet(dataOffset >> _clusterBits, out refcount, out _, out _))
                 {
                     continue;
                 }

@@ -126,7 +126,7 @@ internal sealed partial class QcowCore
         }
         UpdateClusters(start, Math.Min(end, RoundUp(Size)), e =>
         {
-            var kind = ClusterKinds.Classify(e);
+            var kind = Kind(e);
             switch (kind)
             {
                 case ClusterKind.Normal:

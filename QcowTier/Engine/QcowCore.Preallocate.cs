@@ -60,7 +60,7 @@ internal sealed partial class QcowCore
                     tier = Ssd;
                     count = (int)room;
                 }
-                var host = Allocator(tier).Allocate(count, out var fresh);
+                var host = AllocateData(tier, guest >> _clusterBits, count, out var fresh);
                 CountAllocated(tier, count);
                 for (var i = 0; i < count; i++)
                 {
@@ -79,7 +79,7 @@ internal sealed partial class QcowCore
     }
 
     /// <summary>Unallocated and plain zero clusters get a data cluster; allocated ones keep theirs.</summary>
-    private static bool NeedsPrealloc(ulong entry) => ClusterKinds.Classify(entry) is ClusterKind.Unallocated or ClusterKind.ZeroPlain;
+    private bool NeedsPrealloc(ulong entry) => Kind(entry) is ClusterKind.Unallocated or ClusterKind.ZeroPlain;
 
     private void AddRun(List<PreallocRun> runs, PreallocRun run)
     {

@@ -59,7 +59,7 @@ internal sealed partial class QcowCore
                 {
                     continue;
                 }
-                if (ClusterKinds.Classify(e) is ClusterKind.Normal or ClusterKind.ZeroAllocated or ClusterKind.Compressed)
+                if (Kind(e) is ClusterKind.Normal or ClusterKind.ZeroAllocated or ClusterKind.Compressed)
                 {
                     FreeCluster(e);
                 }
@@ -87,7 +87,7 @@ internal sealed partial class QcowCore
                 for (var j = 0; j < perTable; j++)
                 {
                     var e = Entry(table, j);
-                    if (ClusterKinds.Classify(e) is ClusterKind.Normal or ClusterKind.ZeroAllocated or ClusterKind.Compressed)
+                    if (Kind(e) is ClusterKind.Normal or ClusterKind.ZeroAllocated or ClusterKind.Compressed)
                     {
                         FreeCluster(e);
                     }
@@ -109,6 +109,7 @@ internal sealed partial class QcowCore
         Header.Size = newSize;
         Volatile.Write(ref _size, newSize);
 
+        ResizeExternalData(newSize);
         GiveBackTail(_refcounts, File);
         if (_hddRefcounts is not null)
         {

@@ -49,7 +49,7 @@ internal sealed partial class QcowCore
 
     internal RefcountManager? HddRefcounts => _hddRefcounts;
 
-    private ImageStorage DataFile(int tier) => tier == Ssd ? File : _hdd!;
+    private ImageStorage DataFile(int tier) => tier == Ssd ? _external ?? File : _hdd!;
 
     private RefcountManager Allocator(int tier) => tier == Ssd ? _refcounts : _hddRefcounts!;
 
@@ -73,7 +73,11 @@ internal sealed partial class QcowCore
             FreeCompressed(entry, tier); // not counted in the tier totals, which count whole clusters
             return;
         }
-        Allocator(tier).QueueFree((long)(entry & ClusterLayout.L2OffsetMask), 1);
+        if (_external is null)
+        {
+            // Clusters of a QEMU external data file are not refcounted.
+            Allocator(tier).QueueFree((long)(entry & ClusterLayout.L2OffsetMask), 1);
+        }
         CountAllocated(tier, -1);
     }
 
@@ -319,6 +323,10 @@ internal sealed partial class QcowCore
         if (Header.Version < 3)
         {
             throw new QcowUnsupportedFeatureException("tiering needs a version 3 image (compat=1.1)", Name, QcowHeader.OffsetVersion, "version");
+        }
+        if (_external is not null)
+        {
+            throw new QcowUnsupportedFeatureException("an image with a QEMU external data file (data_file) cannot be tiered", Name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features");
         }
         lock (_lock)
         {

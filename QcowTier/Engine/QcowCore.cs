@@ -100,7 +100,7 @@ internal sealed partial class QcowCore : IDisposable
 
     public static QcowCore Open(ImageStorage file, bool readOnly, long l2CacheBytes = 0, long refcountCacheBytes = 0, bool repairIfDirty = true,
         string? tierDataFile = null, QcowCacheMode cacheMode = QcowCacheMode.Writeback, Func<string, bool, bool, ImageStorage>? dataFileFactory = null,
-        BackingContext? backing = null)
+        BackingContext? backing = null, string? externalDataFile = null, bool allowExternalDataAnywhere = false)
     {
         var fileLength = file.Length;
         var probe = new byte[(int)Math.Min(fileLength, 1 << QcowHeader.MaxClusterBits)];
@@ -111,6 +111,7 @@ internal sealed partial class QcowCore : IDisposable
         try
         {
             core.LoadTier(tierDataFile, cacheMode);
+            core.LoadExternalData(externalDataFile, allowExternalDataAnywhere, cacheMode); // QcowCore.DataFile.cs
             core.OpenBacking(backing);
             if (!readOnly)
             {
@@ -121,6 +122,7 @@ internal sealed partial class QcowCore : IDisposable
         {
             core._hdd?.Dispose();
             core.DisposeBacking();
+            core._external?.Dispose();
             throw;
         }
         return core;
@@ -143,10 +145,6 @@ internal sealed partial class QcowCore : IDisposable
         if (h.CryptMethod != 0)
         {
             ThrowHelper.Unsupported(name, QcowHeader.OffsetCryptMethod, "crypt_method", $"encrypted images (crypt_method {h.CryptMethod}) are not supported");
-        }
-        if ((h.IncompatibleFeatures & QcowHeader.IncompatExternalDataFile) != 0)
-        {
-            ThrowHelper.Unsupported(name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features", "QEMU external data files (data_file) are not supported yet");
         }
         if ((h.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0)
         {
@@ -183,10 +181,12 @@ internal sealed partial class QcowCore : IDisposable
         }
         // We maintain none of QEMU's autoclear features (bitmaps, raw data file): clearing the bits
         // tells the next reader that whatever they describe may no longer match the data.
-        if (Header.Version >= 3 && Header.AutoclearFeatures != 0)
+        // The raw-data-file bit is the exception: we keep such a data file a valid raw image.
+        var kept = _external is not null ? Header.AutoclearFeatures & QcowHeader.AutoclearDataFileRaw : 0;
+        if (Header.Version >= 3 && Header.AutoclearFeatures != kept)
         {
-            Header.AutoclearFeatures = 0;
-            WriteHeaderU64(QcowHeader.OffsetAutoclearFeatures, 0);
+            Header.AutoclearFeatures = kept;
+            WriteHeaderU64(QcowHeader.OffsetAutoclearFeatures, kept);
             File.Flush();
         }
         if ((Header.IncompatibleFeatures & QcowHeader.IncompatDirty) != 0 && repairIfDirty)
@@ -351,7 +351,7 @@ internal sealed partial class QcowCore : IDisposable
         {
             SignalCorruption(l2Offset + l2Index * 8L, "L2 entry", $"Cluster allocation offset 0x{host:x} unaligned (L2 offset: 0x{l2Offset:x}, L2 index: 0x{l2Index:x})");
         }
-        if (host < _clusterSize)
+        if (host < _clusterSize && _external is null)
         {
             SignalCorruption(l2Offset + l2Index * 8L, "L2 entry", $"data cluster offset 0x{host:x} overlaps the {(EntryTier(entry) == 1 ? "tier data file header" : "header")} (L2 offset: 0x{l2Offset:x}, L2 index: 0x{l2Index:x})");
         }
@@ -402,7 +402,7 @@ internal sealed partial class QcowCore : IDisposable
         }
         var l2Off = (long)(_l1[l1Index] & ClusterLayout.L1OffsetMask);
         var e = Entry(l2, l2Index);
-        var kind = ClusterKinds.Classify(e);
+        var kind = Kind(e);
         var tier = EntryTier(e);
         long host = 0;
         if (kind is ClusterKind.Normal or ClusterKind.ZeroAllocated)
@@ -415,7 +415,7 @@ internal sealed partial class QcowCore : IDisposable
         while (bytes < maxBytes && next < l2Entries)
         {
             var ne = Entry(l2, next);
-            var nk = ClusterKinds.Classify(ne);
+            var nk = Kind(ne);
             if (nk != kind || kind == ClusterKind.Compressed)
             {
                 break;
@@ -616,7 +616,7 @@ internal sealed partial class QcowCore : IDisposable
         var m = MapLocked(offset, length, stopAtInflight: true);
         if (m.Kind == ClusterKind.Normal && IsCopied(offset))
         {
-            if (m.Tier == Ssd)
+            if (m.Tier == Ssd && _external is null)
             {
                 CheckOverlap(m.Host, m.Bytes, Meta.None);
             }
@@ -652,7 +652,7 @@ internal sealed partial class QcowCore : IDisposable
             plan.CowTier = m.Tier;
             plan.Clusters = 1;
             plan.Tier = ChooseTier(offset, 1);
-            plan.Host = Allocator(plan.Tier).Allocate(1, out plan.Fresh);
+            plan.Host = AllocateData(plan.Tier, guestCluster, 1, out plan.Fresh);
         }
         else
         {
@@ -667,14 +667,14 @@ internal sealed partial class QcowCore : IDisposable
                 plan.Tier = Ssd;
                 plan.Clusters = (int)room;
             }
-            plan.Host = Allocator(plan.Tier).Allocate(plan.Clusters, out plan.Fresh);
+            plan.Host = AllocateData(plan.Tier, guestCluster, plan.Clusters, out plan.Fresh);
         }
         if (!plan.Reused)
         {
             CountInflight(plan.Tier, plan.Clusters);
         }
         plan.Bytes = (int)Math.Min(length, ((long)plan.Clusters << _clusterBits) - head);
-        if (plan.Tier == Ssd)
+        if (plan.Tier == Ssd && _external is null)
         {
             CheckOverlap(plan.Host, (long)plan.Clusters << _clusterBits, Meta.None);
         }
@@ -732,7 +732,7 @@ internal sealed partial class QcowCore : IDisposable
         {
             if (!plan.Reused)
             {
-                Allocator(plan.Tier).FreeNow(plan.Host, plan.Clusters);
+                FreeDataNow(plan.Tier, plan.Host, plan.Clusters);
                 EndInflight(plan.Tier, plan.Clusters, installed: false);
             }
             ReleaseInflight(plan);
@@ -944,11 +944,12 @@ internal sealed partial class QcowCore : IDisposable
             return;
         }
         UpdateClusters(start, end, DiscardEntry);
+        ZeroRawData(start, end);
     }
 
     private ulong DiscardEntry(ulong e)
     {
-        var kind = ClusterKinds.Classify(e);
+        var kind = Kind(e);
         switch (kind)
         {
             case ClusterKind.Normal:
@@ -991,6 +992,7 @@ internal sealed partial class QcowCore : IDisposable
         if (Header.Version >= 3)
         {
             UpdateClusters(alignedStart, Math.Min(alignedEnd, RoundUp(Size)), e => ZeroEntry(e, mayUnmap), allocateTables: true);
+            ZeroRawData(alignedStart, alignedEnd);
         }
         else if (HasBacking)
         {
@@ -1024,7 +1026,7 @@ internal sealed partial class QcowCore : IDisposable
 
     private ulong ZeroEntry(ulong e, bool mayUnmap)
     {
-        var kind = ClusterKinds.Classify(e);
+        var kind = Kind(e);
         switch (kind)
         {
             case ClusterKind.Normal:
@@ -1220,6 +1222,7 @@ internal sealed partial class QcowCore : IDisposable
         _hddRefcounts?.WriteBlocks();
         _refcounts.WriteBlocks();
         _hdd?.Flush();
+        _external?.Flush();
         File.Flush();
         if (_refcounts.HasDirtyTable || _hddRefcounts?.HasDirtyTable == true)
         {
@@ -1297,6 +1300,7 @@ internal sealed partial class QcowCore : IDisposable
             File.Flush();
             Header.Size = newSize;
             Volatile.Write(ref _size, newSize);
+            ResizeExternalData(newSize);
         }
     }
 
@@ -1502,6 +1506,7 @@ internal sealed partial class QcowCore : IDisposable
             File.Dispose();
             _hdd?.Dispose();
             DisposeBacking();
+            _external?.Dispose();
         }
     }
 }

@@ -12,6 +12,9 @@ namespace QcowTier.Engine;
 /// </summary>
 internal static class QcowCreator
 {
+    /// <summary>QEMU 7.2 writes its feature name table only into header clusters of at least this size.</summary>
+    internal const int QemuFeatureTableMinCluster = 8192;
+
     public static void Validate(long size, QcowCreateOptions o)
     {
         if (o.ClusterSize < 512 || o.ClusterSize > 2 * 1024 * 1024 || !BitOperations.IsPow2(o.ClusterSize))
@@ -43,10 +46,38 @@ internal static class QcowCreator
         {
             throw new ArgumentException($"Unknown compression type {o.CompressionType}", nameof(o));
         }
+        if (o.DataFile is not null && o.Compat == QcowCompat.V2)
+        {
+            throw new ArgumentException("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)", nameof(o));
+        }
+        if (o.DataFileRaw && o.DataFile is null)
+        {
+            throw new ArgumentException("data-file-raw requires data-file", nameof(o));
+        }
+        if (o.DataFile is not null && o.Tier is not null)
+        {
+            throw new ArgumentException("A tiered image cannot also use a QEMU external data file (data_file)", nameof(o));
+        }
         if (size < 0 || size > QcowHeader.MaxVirtualSize)
         {
             throw new ArgumentOutOfRangeException(nameof(size), $"image size {size} is out of range");
         }
+    }
+
+    /// <summary>
+    /// Where a new external data file goes (relative names: the image's folder) and the name stored for
+    /// it: relative to the image's folder when it lies inside it, so the image opens without options.
+    /// </summary>
+    private static (string Path, string Stored) ExternalDataLocation(string? imageName, string name)
+    {
+        var dir = imageName is null ? null : Path.GetDirectoryName(Path.GetFullPath(imageName));
+        if (dir is null)
+        {
+            return (Path.GetFullPath(name), name);
+        }
+        var full = Path.GetFullPath(Path.Combine(dir, name));
+        var prefix = dir.EndsWith(Path.DirectorySeparatorChar) ? dir : dir + Path.DirectorySeparatorChar;
+        return (full, full.StartsWith(prefix, StringComparison.Ordinal) ? Path.GetRelativePath(dir, full) : name);
     }
 
     public static QcowCore Create(ImageStorage file, long size, QcowCreateOptions o, Func<string, bool, bool, ImageStorage>? dataFileFactory = null, BackingContext? backing = null)
@@ -76,9 +107,20 @@ internal static class QcowCreator
             // QEMU writes the backing format extension first.
             header.Extensions.Add(new HeaderExtension(HeaderExtension.BackingFormat, System.Text.Encoding.UTF8.GetBytes(o.BackingFormat), 0));
         }
-        if (o.Compat == QcowCompat.V3)
+        // An image with an external data file gets QEMU 7.2's header exactly: the feature name table only
+        // with clusters of 8 KiB and more (QEMU leaves it out of smaller ones), after the data file name.
+        if (o.Compat == QcowCompat.V3 && (o.DataFile is null || cs >= QemuFeatureTableMinCluster))
         {
             header.Extensions.Add(new HeaderExtension(HeaderExtension.FeatureNameTable, HeaderExtension.QemuFeatureNameTable(), 0));
+        }
+        string? dataPath = null;
+        if (o.DataFile is not null)
+        {
+            (dataPath, var stored) = ExternalDataLocation(file.Name, o.DataFile);
+            QcowCore.DescribeExternalData(header, stored, o.DataFileRaw);
+            using var data = dataFileFactory is not null ? dataFileFactory(dataPath, true, true) : FileStorage.Open(dataPath, writable: true, create: true);
+            data.SetLength(0);
+            data.Flush();
         }
         var image = new byte[3 * cs];
         header.WriteNew(image.AsSpan(0, cs));
@@ -91,7 +133,7 @@ internal static class QcowCreator
         file.SetLength(0);
         file.Write(0, image);
         file.Flush();
-        var core = QcowCore.Open(file, readOnly: false, dataFileFactory: dataFileFactory, backing: backing);
+        var core = QcowCore.Open(file, readOnly: false, dataFileFactory: dataFileFactory, backing: backing, externalDataFile: dataPath);
         try
         {
             if (o.Tier is not null)
