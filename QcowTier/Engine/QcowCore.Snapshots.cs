@@ -121,6 +121,8 @@ internal sealed partial class QcowCore
             var list = SnapshotHeader.ReadTable(File, Header, out _);
             var sn = FindSnapshot(list, nameOrId, byName);
             var snL1 = LoadSnapshotL1(sn);
+            // Every cluster may change: enabled bitmaps see the whole disk written (IN_USE first).
+            TrackWrite(0, _size);
             var setDirty = BeginSnapshotOperation();
 
             // 1. The snapshot's tables and clusters gain the active disk's reference; their COPIED
@@ -152,6 +154,8 @@ internal sealed partial class QcowCore
             File.Flush();
             if (sn.DiskSize != _size)
             {
+                ResizeBitmaps(sn.DiskSize);
+                TrackWrite(0, sn.DiskSize);
                 WriteHeaderU64(QcowHeader.OffsetSize, (ulong)sn.DiskSize);
                 File.Flush();
                 Header.Size = sn.DiskSize;

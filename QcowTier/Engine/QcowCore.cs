@@ -181,14 +181,9 @@ internal sealed partial class QcowCore : IDisposable
         {
             throw new InvalidOperationException($"{Name ?? "image"}: the storage is not writable");
         }
-        // We maintain none of QEMU's autoclear features (bitmaps, raw data file): clearing the bits
-        // tells the next reader that whatever they describe may no longer match the data.
-        if (Header.Version >= 3 && Header.AutoclearFeatures != 0)
-        {
-            Header.AutoclearFeatures = 0;
-            WriteHeaderU64(QcowHeader.OffsetAutoclearFeatures, 0);
-            File.Flush();
-        }
+        // Autoclear features we do not maintain are cleared, telling the next reader that whatever they
+        // describe may no longer match the data; persistent bitmaps are maintained (QcowCore.Bitmaps.cs).
+        PrepareAutoclearBits();
         if ((Header.IncompatibleFeatures & QcowHeader.IncompatDirty) != 0 && repairIfDirty)
         {
             // As QEMU: an image left dirty (lazy refcounts, or a crash) gets its refcounts rebuilt.
@@ -727,6 +722,7 @@ internal sealed partial class QcowCore : IDisposable
         CheckWritable();
         CheckRange(offset, data.Length);
         Observer?.OnWrite(offset, data.Length);
+        TrackWrite(offset, data.Length);
         while (!data.IsEmpty)
         {
             WritePlan plan;
@@ -776,6 +772,7 @@ internal sealed partial class QcowCore : IDisposable
         CheckWritable();
         CheckRange(offset, data.Length);
         Observer?.OnWrite(offset, data.Length);
+        TrackWrite(offset, data.Length);
         while (!data.IsEmpty)
         {
             ct.ThrowIfCancellationRequested();
@@ -893,6 +890,7 @@ internal sealed partial class QcowCore : IDisposable
     {
         CheckWritable();
         CheckRange(offset, length);
+        TrackWrite(offset, length);
         var start = (offset + _clusterSize - 1) & ~(long)(_clusterSize - 1);
         var end = offset + length == Size ? offset + length : (offset + length) & ~(long)(_clusterSize - 1);
         if (end <= start)
@@ -928,6 +926,7 @@ internal sealed partial class QcowCore : IDisposable
         {
             return;
         }
+        TrackWrite(offset, length);
         var end = offset + length;
         var alignedStart = (offset + _clusterSize - 1) & ~(long)(_clusterSize - 1);
         var alignedEnd = end == Size ? (end + _clusterSize - 1) & ~(long)(_clusterSize - 1) : end & ~(long)(_clusterSize - 1);
@@ -1231,6 +1230,7 @@ internal sealed partial class QcowCore : IDisposable
             {
                 GrowL1(needed);
             }
+            ResizeBitmaps(newSize);
             WriteHeaderU64(QcowHeader.OffsetSize, (ulong)newSize);
             File.Flush();
             Header.Size = newSize;
@@ -1466,6 +1466,7 @@ internal sealed partial class QcowCore : IDisposable
                 lock (_lock)
                 {
                     FlushLocked();
+                    StoreBitmaps();
                     if (_dirtyMarked)
                     {
                         ClearDirtyBit();

@@ -1,0 +1,411 @@
+using System.Buffers.Binary;
+using System.Runtime.InteropServices;
+using QcowTier.Check;
+using QcowTier.Format;
+
+namespace QcowTier.Engine;
+
+/// <summary>
+/// Persistent dirty bitmaps (extension 0x23852875), kept as QEMU keeps them. On a writable open every
+/// consistent bitmap is loaded; before the first guest write (or zeroing, discard, snapshot apply) the
+/// enabled ones (AUTO flag) are marked IN_USE on disk and flushed; every written range then sets its
+/// bits in memory; a clean close writes the bitmaps to new clusters, a new directory, switches the
+/// extension's directory pointer with one write, and frees the old clusters last. A power cut leaves
+/// the bitmaps IN_USE — inconsistent, never wrong and trusted. Disabled bitmaps are not touched
+/// (except that a resize resizes them, as QEMU does); read-only opens change nothing.
+/// </summary>
+internal sealed partial class QcowCore
+{
+    private sealed class LoadedBitmap
+    {
+        public required BitmapDirectoryEntry Entry;
+        public ulong[] Bits = [];
+        public long BitCount;
+        public bool Consistent;   // not IN_USE when the image was opened: its bits can be trusted
+        public bool Tracking;     // consistent and AUTO: every write sets bits
+        public bool MarkedInUse;  // IN_USE made durable by us this session; it must be stored at close
+    }
+
+    private List<LoadedBitmap>? _bitmaps;         // writable opens with a usable bitmaps extension
+    private BitmapsExtension? _bitmapsExtension;
+    private long _bitmapsExtData = -1;            // file offset of the extension's data
+    private volatile bool _trackingInUse;         // every tracking bitmap is IN_USE on disk
+
+    /// <summary>
+    /// Part of a writable open: keeps autoclear bit 0 when the bitmaps can be maintained (and loads
+    /// them), clears every other autoclear bit (structures we do not maintain become stale for readers).
+    /// </summary>
+    private void PrepareAutoclearBits()
+    {
+        if (Header.Version < 3)
+        {
+            return;
+        }
+        ulong keep = 0;
+        var ext = BitmapDirectory.Find(Header, out var error);
+        if (ext is not null && error is null)
+        {
+            try
+            {
+                LoadBitmaps(ext);
+                keep = QcowHeader.AutoclearBitmaps;
+            }
+            catch (QcowFormatException)
+            {
+                // A directory we cannot use is left for QEMU to judge; clearing the bit tells it the
+                // bitmaps are stale, as before bitmaps were maintained here.
+                _bitmaps = null;
+            }
+        }
+        if ((Header.AutoclearFeatures & ~keep) != 0)
+        {
+            Header.AutoclearFeatures &= keep;
+            WriteHeaderU64(QcowHeader.OffsetAutoclearFeatures, Header.AutoclearFeatures);
+            File.Flush();
+        }
+    }
+
+    private void LoadBitmaps(BitmapsExtension ext)
+    {
+        var entries = BitmapDirectoryEntry.Read(File, ext);
+        var list = new List<LoadedBitmap>();
+        foreach (var e in entries)
+        {
+            var b = new LoadedBitmap { Entry = e, Consistent = !e.InUse };
+            if (b.Consistent)
+            {
+                b.BitCount = QcowHeader.CeilDiv(_size, e.Granularity);
+                b.Bits = LoadBitmapBits(e, b.BitCount);
+                b.Tracking = e.Auto;
+            }
+            list.Add(b);
+        }
+        _bitmapsExtension = ext;
+        _bitmapsExtData = Header.Extensions.First(x => x.Type == HeaderExtension.Bitmaps).Offset + 8;
+        _bitmaps = list;
+    }
+
+    private ulong[] LoadBitmapBits(BitmapDirectoryEntry e, long bitCount)
+    {
+        var words = new ulong[QcowHeader.CeilDiv(bitCount, 64)];
+        var bytes = MemoryMarshal.AsBytes(words.AsSpan());
+        var perCluster = _clusterSize;
+        var needed = QcowHeader.CeilDiv(bytes.Length, perCluster);
+        if (e.TableSize < needed || e.TableOffset <= 0 || e.TableOffset + e.TableSize * 8L > File.Length)
+        {
+            ThrowHelper.Corrupt(Name, e.TableOffset, "bitmap_table_offset", $"bitmap '{e.Name}': table of {e.TableSize} entries at 0x{e.TableOffset:x} cannot cover the disk or lies past the end of the file");
+        }
+        var table = new byte[e.TableSize * 8L];
+        File.Read(e.TableOffset, table);
+        for (var i = 0; i < needed; i++)
+        {
+            var entry = BinaryPrimitives.ReadUInt64BigEndian(table.AsSpan(i * 8));
+            var chunk = bytes.Slice(i * perCluster, Math.Min(perCluster, bytes.Length - i * perCluster));
+            var off = (long)(entry & BitmapDirectoryEntry.TableOffsetMask);
+            if (off == 0)
+            {
+                chunk.Fill((entry & BitmapDirectoryEntry.TableAllOnes) != 0 ? (byte)0xff : (byte)0);
+            }
+            else
+            {
+                if (off + chunk.Length > File.Length)
+                {
+                    ThrowHelper.Corrupt(Name, e.TableOffset + i * 8L, "bitmap table entry", $"bitmap '{e.Name}': data cluster 0x{off:x} lies past the end of the file");
+                }
+                File.Read(off, chunk);
+            }
+        }
+        // Stored little-endian, bit i of the disk in bit i % 8 of byte i / 8: on a little-endian host the words are the bytes.
+        if (!BitConverter.IsLittleEndian)
+        {
+            BinaryPrimitives.ReverseEndianness(words, words);
+        }
+        // Bits past the disk's end (from an all-ones cluster) are not dirty.
+        var tail = bitCount & 63;
+        if (tail != 0)
+        {
+            words[^1] &= (1UL << (int)tail) - 1;
+        }
+        return words;
+    }
+
+    /// <summary>Called before every guest change of [offset, offset+length): marks the tracking bitmaps.</summary>
+    private void TrackWrite(long offset, long length)
+    {
+        var bitmaps = _bitmaps;
+        if (bitmaps is null || length <= 0)
+        {
+            return;
+        }
+        if (!_trackingInUse)
+        {
+            MarkTrackingInUse(bitmaps);
+        }
+        foreach (var b in bitmaps)
+        {
+            if (!b.Tracking)
+            {
+                continue;
+            }
+            var first = offset >> b.Entry.GranularityBits;
+            var last = Math.Min((offset + length - 1) >> b.Entry.GranularityBits, b.BitCount - 1);
+            lock (b)
+            {
+                SetBits(b.Bits, first, last);
+            }
+        }
+    }
+
+    private static void SetBits(ulong[] words, long first, long last)
+    {
+        for (var bit = first; bit <= last;)
+        {
+            var w = (int)(bit >> 6);
+            var lo = (int)(bit & 63);
+            var hi = (int)Math.Min(63, last - ((long)w << 6));
+            var mask = (hi == 63 ? ulong.MaxValue : (1UL << (hi + 1)) - 1) & ~((1UL << lo) - 1);
+            words[w] |= mask;
+            bit = ((long)w + 1) << 6;
+        }
+    }
+
+    private void MarkTrackingInUse(List<LoadedBitmap> bitmaps)
+    {
+        lock (_lock)
+        {
+            if (_trackingInUse)
+            {
+                return;
+            }
+            MarkInUse(bitmaps.Where(b => b.Tracking));
+            _trackingInUse = true;
+        }
+    }
+
+    /// <summary>Sets IN_USE in place (one 4-byte write per entry, as QEMU's in-place directory update), then flushes.</summary>
+    private void MarkInUse(IEnumerable<LoadedBitmap> which)
+    {
+        var wrote = false;
+        Span<byte> flags = stackalloc byte[4];
+        foreach (var b in which)
+        {
+            if (b.MarkedInUse)
+            {
+                continue;
+            }
+            b.Entry.Flags |= BitmapDirectoryEntry.FlagInUse;
+            BinaryPrimitives.WriteUInt32BigEndian(flags, b.Entry.Flags);
+            File.Write((long)_bitmapsExtension!.DirectoryOffset + BitmapDirectoryEntry.FlagsPosition(b.Entry), flags);
+            b.MarkedInUse = true;
+            wrote = true;
+        }
+        if (wrote)
+        {
+            File.Flush();
+        }
+    }
+
+    /// <summary>A resize resizes every consistent bitmap (new bits clean), marked IN_USE first (lock held).</summary>
+    private void ResizeBitmaps(long newSize)
+    {
+        if (_bitmaps is null)
+        {
+            return;
+        }
+        MarkInUse(_bitmaps.Where(b => b.Consistent));
+        foreach (var b in _bitmaps.Where(b => b.Consistent))
+        {
+            lock (b)
+            {
+                var count = QcowHeader.CeilDiv(newSize, b.Entry.Granularity);
+                var words = new ulong[QcowHeader.CeilDiv(count, 64)];
+                Array.Copy(b.Bits, words, Math.Min(b.Bits.Length, words.Length));
+                if ((count & 63) != 0)
+                {
+                    words[^1] &= (1UL << (int)(count & 63)) - 1;
+                }
+                b.Bits = words;
+                b.BitCount = count;
+            }
+        }
+    }
+
+    /// <summary>
+    /// At a clean close (lock held, everything else flushed): every bitmap we marked IN_USE is written to
+    /// new clusters with a new table; a new directory without those IN_USE flags; flush; the extension's
+    /// directory pointer switched in one write; flush; the old clusters freed.
+    /// </summary>
+    private void StoreBitmaps()
+    {
+        if (_bitmaps is null || !_bitmaps.Any(b => b.MarkedInUse))
+        {
+            return;
+        }
+        var toFree = new List<(long Offset, int Clusters)>();
+        foreach (var b in _bitmaps.Where(b => b.MarkedInUse))
+        {
+            toFree.AddRange(BitmapClusters(b.Entry));
+            var words = b.Bits;
+            if (!BitConverter.IsLittleEndian)
+            {
+                words = (ulong[])words.Clone();
+                BinaryPrimitives.ReverseEndianness(words, words);
+            }
+            var bytes = MemoryMarshal.AsBytes(words.AsSpan());
+            var tableSize = (int)Math.Max(1, QcowHeader.CeilDiv(QcowHeader.CeilDiv(b.BitCount, 8), _clusterSize));
+            var table = new byte[(long)L1Clusters(tableSize) * _clusterSize];
+            var cluster = new byte[_clusterSize];
+            for (var i = 0; i < tableSize; i++)
+            {
+                var start = (long)i * _clusterSize;
+                var chunk = start < bytes.Length ? bytes.Slice((int)start, (int)Math.Min(_clusterSize, bytes.Length - start)) : [];
+                if (chunk.IndexOfAnyExcept((byte)0) < 0)
+                {
+                    continue; // an all-zero cluster is table entry 0
+                }
+                cluster.AsSpan().Clear();
+                chunk.CopyTo(cluster);
+                var off = _refcounts.Allocate(1, out _);
+                File.Write(off, cluster);
+                BinaryPrimitives.WriteUInt64BigEndian(table.AsSpan(i * 8), (ulong)off);
+            }
+            var tableOff = _refcounts.Allocate(L1Clusters(tableSize), out _);
+            File.Write(tableOff, table);
+            b.Entry.TableOffset = tableOff;
+            b.Entry.TableSize = (uint)tableSize;
+            b.Entry.Flags &= ~BitmapDirectoryEntry.FlagInUse;
+        }
+        var entries = _bitmaps.Select(b => b.Entry).ToList();
+        var dir = BitmapDirectoryEntry.Serialize(entries);
+        var dirClusters = (int)QcowHeader.CeilDiv(dir.Length, _clusterSize);
+        var dirOff = _refcounts.Allocate(dirClusters, out _);
+        var padded = new byte[(long)dirClusters * _clusterSize];
+        dir.CopyTo(padded, 0);
+        File.Write(dirOff, padded);
+        _refcounts.WriteBack();
+        File.Flush();
+        File.Write(_bitmapsExtData, BitmapDirectoryEntry.ExtensionData(entries.Count, dirOff, dir.Length));
+        File.Flush();
+        toFree.Add(((long)_bitmapsExtension!.DirectoryOffset, (int)QcowHeader.CeilDiv((long)_bitmapsExtension.DirectorySize, _clusterSize)));
+        _bitmapsExtension = new BitmapsExtension((uint)entries.Count, (ulong)dirOff, (ulong)dir.Length);
+        foreach (var (offset, clusters) in toFree)
+        {
+            _refcounts.FreeNow(offset, clusters);
+        }
+        _refcounts.WriteBack();
+        File.Flush();
+        foreach (var b in _bitmaps)
+        {
+            b.MarkedInUse = false;
+        }
+        _trackingInUse = false;
+    }
+
+    /// <summary>The clusters a stored bitmap occupies: its table and its data clusters.</summary>
+    private List<(long Offset, int Clusters)> BitmapClusters(BitmapDirectoryEntry e)
+    {
+        var list = new List<(long, int)>();
+        if (e.TableOffset == 0 || e.TableSize == 0)
+        {
+            return list;
+        }
+        var table = new byte[e.TableSize * 8L];
+        File.Read(e.TableOffset, table);
+        for (var i = 0; i < e.TableSize; i++)
+        {
+            var off = (long)(BinaryPrimitives.ReadUInt64BigEndian(table.AsSpan(i * 8)) & BitmapDirectoryEntry.TableOffsetMask);
+            if (off != 0)
+            {
+                list.Add((off, 1));
+            }
+        }
+        list.Add((e.TableOffset, L1Clusters(e.TableSize)));
+        return list;
+    }
+
+    // ---------------------------------------------------------------- queries
+
+    /// <summary>The bitmaps as stored (read-only opens) or as maintained (writable opens): entry and whether its bits can be trusted.</summary>
+    public List<(BitmapDirectoryEntry Entry, bool Consistent)> ReadBitmaps()
+    {
+        lock (_lock)
+        {
+            if (_bitmaps is not null)
+            {
+                return _bitmaps.Select(b => (b.Entry, b.Consistent)).ToList();
+            }
+            var ext = BitmapDirectory.Find(Header, out var error);
+            if (ext is null || error is not null)
+            {
+                return [];
+            }
+            return BitmapDirectoryEntry.Read(File, ext).Select(e => (e, !e.InUse)).ToList();
+        }
+    }
+
+    /// <summary>The dirty ranges of a bitmap, in bytes of the disk (granularity-aligned, clipped to the size).</summary>
+    public List<(long Offset, long Length)> BitmapDirtyRanges(string name)
+    {
+        ulong[] words;
+        long granularityBits;
+        long bitCount;
+        lock (_lock)
+        {
+            var loaded = _bitmaps?.FirstOrDefault(b => b.Entry.Name == name);
+            BitmapDirectoryEntry entry;
+            if (loaded is not null)
+            {
+                entry = loaded.Entry;
+                if (!loaded.Consistent)
+                {
+                    ThrowInconsistent(entry);
+                }
+                lock (loaded)
+                {
+                    words = (ulong[])loaded.Bits.Clone();
+                    bitCount = loaded.BitCount;
+                }
+            }
+            else
+            {
+                entry = ReadBitmaps().Select(x => x.Entry).FirstOrDefault(e => e.Name == name)
+                    ?? throw new ArgumentException($"{Name ?? "image"}: no bitmap named '{name}'", nameof(name));
+                if (entry.InUse)
+                {
+                    ThrowInconsistent(entry);
+                }
+                bitCount = QcowHeader.CeilDiv(_size, entry.Granularity);
+                words = LoadBitmapBits(entry, bitCount);
+            }
+            granularityBits = entry.GranularityBits;
+        }
+        var result = new List<(long, long)>();
+        for (long bit = 0; bit < bitCount;)
+        {
+            var w = words[bit >> 6] >> (int)(bit & 63);
+            if (w == 0)
+            {
+                bit = ((bit >> 6) + 1) << 6;
+                continue;
+            }
+            bit += System.Numerics.BitOperations.TrailingZeroCount(w);
+            if (bit >= bitCount)
+            {
+                break;
+            }
+            var start = bit;
+            while (bit < bitCount && (words[bit >> 6] & (1UL << (int)(bit & 63))) != 0)
+            {
+                bit++;
+            }
+            var from = start << (int)granularityBits;
+            var to = Math.Min(bit << (int)granularityBits, _size);
+            result.Add((from, to - from));
+        }
+        return result;
+    }
+
+    private void ThrowInconsistent(BitmapDirectoryEntry entry)
+        => ThrowHelper.Format(Name, (long)(_bitmapsExtension?.DirectoryOffset ?? 0) + BitmapDirectoryEntry.FlagsPosition(entry), "flags",
+            $"bitmap '{entry.Name}' is inconsistent (IN_USE: the image was not closed cleanly while it was tracked); its content cannot be trusted");
+}

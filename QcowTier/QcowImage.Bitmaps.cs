@@ -1,0 +1,50 @@
+namespace QcowTier;
+
+public sealed partial class QcowImage
+{
+    /// <summary>
+    /// The persistent dirty bitmaps (qemu-img info's "bitmaps"). On a writable open the enabled ones
+    /// track every write, zeroing, discard and snapshot apply, and are stored back at a clean close.
+    /// </summary>
+    /// <returns>One entry per bitmap, in directory order.</returns>
+    public IReadOnlyList<QcowBitmapInfo> GetBitmaps()
+        => _core.ReadBitmaps().Select(b => new QcowBitmapInfo(b.Entry.Name, b.Entry.Granularity, b.Entry.Auto, b.Entry.InUse, !b.Consistent)).ToList();
+
+    /// <summary>The ranges a bitmap marks dirty, in guest bytes (whole granules, clipped to the disk's end).</summary>
+    /// <param name="name">The bitmap's name.</param>
+    /// <returns>Sorted, non-adjacent ranges.</returns>
+    /// <exception cref="QcowFormatException">The bitmap is inconsistent (IN_USE when the image was opened).</exception>
+    public IReadOnlyList<(long Offset, long Length)> GetBitmapDirtyRanges(string name)
+    {
+        ArgumentNullException.ThrowIfNull(name);
+        return _core.BitmapDirtyRanges(name);
+    }
+}
+
+/// <summary>One persistent dirty bitmap.</summary>
+public sealed class QcowBitmapInfo
+{
+    internal QcowBitmapInfo(string name, long granularity, bool enabled, bool inUse, bool inconsistent)
+    {
+        Name = name;
+        Granularity = granularity;
+        Enabled = enabled;
+        InUse = inUse;
+        Inconsistent = inconsistent;
+    }
+
+    /// <summary>The bitmap's name.</summary>
+    public string Name { get; }
+
+    /// <summary>Bytes of disk one bit stands for.</summary>
+    public long Granularity { get; }
+
+    /// <summary>The AUTO flag: the bitmap records every write (qemu-img bitmap --enable / --disable).</summary>
+    public bool Enabled { get; }
+
+    /// <summary>The IN_USE flag as it is on disk now (set by a writer that tracks the bitmap while it runs).</summary>
+    public bool InUse { get; }
+
+    /// <summary>The bitmap was IN_USE when the image was opened: a writer did not store it (a crash); its bits cannot be trusted.</summary>
+    public bool Inconsistent { get; }
+}
