@@ -73,6 +73,10 @@ internal sealed class InfoCommand : Command
                 data.Add("corrupt", qi.Corrupt);
             }
             data.Add("refcount-bits", (long)qi.RefcountBits);
+            if ((disk as QcowDisk)?.Image.GetBitmaps() is { Count: > 0 } bitmaps)
+            {
+                data.Add("bitmaps", bitmaps.Select(BitmapCommand.ToQDict).ToList<object>());
+            }
             if (qi.Version >= 3)
             {
                 data.Add("extended-l2", qi.ExtendedL2);
@@ -153,12 +157,7 @@ internal sealed class InfoCommand : Command
             var data = specDict.InQemuOrder().First(m => m.Key == "data").Value as QDict;
             foreach (var (key, value) in data!.InQemuOrder())
             {
-                var text = value switch
-                {
-                    bool b => b ? "true" : "false",
-                    _ => Convert.ToString(value, System.Globalization.CultureInfo.InvariantCulture),
-                };
-                w.WriteLine($"    {key.Replace('-', ' ')}: {text}");
+                BitmapCommand.DumpHuman(key, value, 1, w);
             }
         }
     }
