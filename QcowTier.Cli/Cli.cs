@@ -9,6 +9,7 @@ internal static class Cli
     private static readonly Command[] Commands =
     [
         new BenchCommand(),
+        new BitmapCommand(),
         new CheckCommand(),
         new CompareCommand(),
         new ConvertCommand(),

@@ -19,6 +19,25 @@ public sealed partial class QcowImage
         ArgumentNullException.ThrowIfNull(name);
         return _core.BitmapDirtyRanges(name);
     }
+
+    /// <summary>Adds a clean persistent bitmap (qemu-img bitmap --add); needs a version 3 image.</summary>
+    /// <param name="name">A name no other bitmap has (at most 1023 bytes of UTF-8).</param>
+    /// <param name="granularity">Bytes per bit: a power of two from 512 to 2 GiB.</param>
+    /// <param name="enabled">Whether it records writes from now on (the AUTO flag).</param>
+    public void AddBitmap(string name, long granularity = 65536, bool enabled = true) => _core.AddBitmap(name, granularity, enabled);
+
+    /// <summary>Removes a bitmap and frees its clusters (qemu-img bitmap --remove).</summary>
+    /// <param name="name">The bitmap's name.</param>
+    public void RemoveBitmap(string name) => _core.RemoveBitmap(name);
+
+    /// <summary>Marks every bit of a bitmap clean (qemu-img bitmap --clear); an inconsistent bitmap becomes usable again.</summary>
+    /// <param name="name">The bitmap's name.</param>
+    public void ClearBitmap(string name) => _core.ClearBitmap(name);
+
+    /// <summary>Sets or clears a bitmap's AUTO flag (qemu-img bitmap --enable / --disable).</summary>
+    /// <param name="name">The bitmap's name.</param>
+    /// <param name="enabled">Whether it records writes.</param>
+    public void SetBitmapEnabled(string name, bool enabled) => _core.SetBitmapEnabled(name, enabled);
 }
 
 /// <summary>One persistent dirty bitmap.</summary>

@@ -214,3 +214,66 @@ public sealed class BitmapTests
         }
     }
 }
+
+/// <summary>qcowtier bitmap against qemu-img bitmap: same effects (judged by qemu-img info and qemu-nbd), same errors.</summary>
+public sealed class BitmapCliTests
+{
+    [Fact]
+    public void Add_disable_enable_clear_remove_as_qemu_img()
+    {
+        using var dir = new TempDir();
+        var ours = dir.File("ours.qcow2");
+        var theirs = dir.File("theirs.qcow2");
+        foreach (var p in new[] { ours, theirs })
+        {
+            Qemu.Img("create", "-f", "qcow2", p, "4M").EnsureSuccess();
+        }
+        string[][] steps =
+        [
+            ["--add", "a"],
+            ["--add", "-g", "4k", "b"],
+            ["--add", "--disable", "c"],
+            ["--disable", "a"],
+            ["--enable", "a"],
+        ];
+        foreach (var step in steps)
+        {
+            var args = new[] { "bitmap" }.Concat(step.Take(step.Length - 1)).ToList();
+            var r = Cli.CliHarness.Run([.. args, ours, step[^1]]);
+            r.ExitCode.Should().Be(0, r.StdErr);
+            Qemu.Img([.. args, theirs, step[^1]]).EnsureSuccess();
+        }
+        Qemu.Io("-c", "write 64k 4k", ours).EnsureSuccess();
+        Qemu.Io("-c", "write 64k 4k", theirs).EnsureSuccess();
+        Cli.CliHarness.Run("io", "-c", "write 1M 4k", ours).ExitCode.Should().Be(0);
+        Qemu.Io("-c", "write 1M 4k", theirs).EnsureSuccess();
+        Qemu.AssertClean(ours);
+        static string Spec(string info) => info[info.IndexOf("Format specific", StringComparison.Ordinal)..];
+        Spec(Cli.CliHarness.Run("info", ours).StdOut).Should().Be(Spec(Qemu.Img("info", theirs).StdOut));
+        foreach (var b in new[] { "a", "b", "c" })
+        {
+            BitmapTests.QemuDirty(ours, b).Should().Equal(BitmapTests.QemuDirty(theirs, b), b);
+        }
+        foreach (var step in new[] { new[] { "--clear", "b" }, ["--remove", "a"], ["--remove", "b"], ["--remove", "c"] })
+        {
+            Cli.CliHarness.Run("bitmap", step[0], ours, step[1]).ExitCode.Should().Be(0);
+            Qemu.AssertClean(ours);
+        }
+        Qemu.Img("info", ours).EnsureSuccess().StdOut.Should().NotContain("bitmaps");
+        File.ReadAllBytes(ours)[95].Should().Be(0, "no bitmaps, no autoclear bit");
+    }
+
+    [Theory]
+    [InlineData("--remove", "nosuch")]
+    [InlineData("--clear", "nosuch")]
+    [InlineData("--add", "b1")]
+    public void Errors_match_qemu_img(string action, string name)
+    {
+        using var dir = new TempDir();
+        var path = BitmapTests.MakeImage(dir);
+        var q = Qemu.Img("bitmap", action, path, name);
+        var r = Cli.CliHarness.Run("bitmap", action, path, name);
+        r.ExitCode.Should().Be(q.ExitCode);
+        r.StdErr.Should().Be(Cli.CliHarness.AsOurs(q.StdErr));
+    }
+}

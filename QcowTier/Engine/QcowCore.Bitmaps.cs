@@ -24,6 +24,7 @@ internal sealed partial class QcowCore
         public bool Consistent;   // not IN_USE when the image was opened: its bits can be trusted
         public bool Tracking;     // consistent and AUTO: every write sets bits
         public bool MarkedInUse;  // IN_USE made durable by us this session; it must be stored at close
+        public bool Rewrite;      // new or cleared: its data must be written at the next commit
     }
 
     private List<LoadedBitmap>? _bitmaps;         // writable opens with a usable bitmaps extension
@@ -235,14 +236,25 @@ internal sealed partial class QcowCore
     /// new clusters with a new table; a new directory without those IN_USE flags; flush; the extension's
     /// directory pointer switched in one write; flush; the old clusters freed.
     /// </summary>
-    private void StoreBitmaps()
+    private void StoreBitmaps() => CommitBitmaps([], force: false);
+
+    /// <summary>
+    /// Writes what changed (bitmaps marked IN_USE, new or cleared ones) to new clusters, a new directory,
+    /// switches the extension to it (adding or removing the extension as the count requires), then frees
+    /// the old clusters and those of <paramref name="removed"/> bitmaps. Lock held, everything else flushed.
+    /// </summary>
+    private void CommitBitmaps(List<BitmapDirectoryEntry> removed, bool force)
     {
-        if (_bitmaps is null || !_bitmaps.Any(b => b.MarkedInUse))
+        if (_bitmaps is null || !force && !_bitmaps.Any(b => b.MarkedInUse || b.Rewrite))
         {
             return;
         }
         var toFree = new List<(long Offset, int Clusters)>();
-        foreach (var b in _bitmaps.Where(b => b.MarkedInUse))
+        foreach (var r in removed)
+        {
+            toFree.AddRange(BitmapClusters(r));
+        }
+        foreach (var b in _bitmaps.Where(b => b.MarkedInUse || b.Rewrite))
         {
             toFree.AddRange(BitmapClusters(b.Entry));
             var words = b.Bits;
@@ -276,18 +288,58 @@ internal sealed partial class QcowCore
             b.Entry.Flags &= ~BitmapDirectoryEntry.FlagInUse;
         }
         var entries = _bitmaps.Select(b => b.Entry).ToList();
-        var dir = BitmapDirectoryEntry.Serialize(entries);
-        var dirClusters = (int)QcowHeader.CeilDiv(dir.Length, _clusterSize);
-        var dirOff = _refcounts.Allocate(dirClusters, out _);
-        var padded = new byte[(long)dirClusters * _clusterSize];
-        dir.CopyTo(padded, 0);
-        File.Write(dirOff, padded);
-        _refcounts.WriteBack();
-        File.Flush();
-        File.Write(_bitmapsExtData, BitmapDirectoryEntry.ExtensionData(entries.Count, dirOff, dir.Length));
-        File.Flush();
-        toFree.Add(((long)_bitmapsExtension!.DirectoryOffset, (int)QcowHeader.CeilDiv((long)_bitmapsExtension.DirectorySize, _clusterSize)));
-        _bitmapsExtension = new BitmapsExtension((uint)entries.Count, (ulong)dirOff, (ulong)dir.Length);
+        if (_bitmapsExtension is not null)
+        {
+            toFree.Add(((long)_bitmapsExtension.DirectoryOffset, (int)QcowHeader.CeilDiv((long)_bitmapsExtension.DirectorySize, _clusterSize)));
+        }
+        if (entries.Count == 0)
+        {
+            // No bitmaps: no extension (QEMU refuses one with zero bitmaps). The bit goes first, so a cut
+            // in between leaves an extension QEMU ignores.
+            _refcounts.WriteBack();
+            File.Flush();
+            if (_bitmapsExtension is not null)
+            {
+                Header.AutoclearFeatures &= ~QcowHeader.AutoclearBitmaps;
+                WriteHeaderU64(QcowHeader.OffsetAutoclearFeatures, Header.AutoclearFeatures);
+                File.Flush();
+                RewriteExtensions(Header.Extensions.Where(e => e.Type != HeaderExtension.Bitmaps).ToList());
+            }
+            _bitmapsExtension = null;
+            _bitmapsExtData = -1;
+        }
+        else
+        {
+            var dir = BitmapDirectoryEntry.Serialize(entries);
+            var dirClusters = (int)QcowHeader.CeilDiv(dir.Length, _clusterSize);
+            var dirOff = _refcounts.Allocate(dirClusters, out _);
+            var padded = new byte[(long)dirClusters * _clusterSize];
+            dir.CopyTo(padded, 0);
+            File.Write(dirOff, padded);
+            _refcounts.WriteBack();
+            File.Flush();
+            var extData = BitmapDirectoryEntry.ExtensionData(entries.Count, dirOff, dir.Length);
+            if (_bitmapsExtData < 0)
+            {
+                // A new extension, then the autoclear bit that makes QEMU trust it.
+                var list = Header.Extensions.Where(e => e.Type != HeaderExtension.Bitmaps).ToList();
+                list.Add(new HeaderExtension(HeaderExtension.Bitmaps, extData, 0));
+                if (!ExtensionsFit(list))
+                {
+                    throw new QcowException($"{Name ?? "image"}: no room in the header cluster for the bitmaps extension");
+                }
+                RewriteExtensions(list);
+                _bitmapsExtData = Header.Extensions.First(e => e.Type == HeaderExtension.Bitmaps).Offset + 8;
+                Header.AutoclearFeatures |= QcowHeader.AutoclearBitmaps;
+                WriteHeaderU64(QcowHeader.OffsetAutoclearFeatures, Header.AutoclearFeatures);
+            }
+            else
+            {
+                File.Write(_bitmapsExtData, extData);
+            }
+            File.Flush();
+            _bitmapsExtension = new BitmapsExtension((uint)entries.Count, (ulong)dirOff, (ulong)dir.Length);
+        }
         foreach (var (offset, clusters) in toFree)
         {
             _refcounts.FreeNow(offset, clusters);
@@ -297,8 +349,105 @@ internal sealed partial class QcowCore
         foreach (var b in _bitmaps)
         {
             b.MarkedInUse = false;
+            b.Rewrite = false;
         }
         _trackingInUse = false;
+    }
+
+    // ---------------------------------------------------------------- qemu-img bitmap
+
+    /// <summary>qemu-img bitmap --add: a new, clean bitmap (enabled unless told otherwise).</summary>
+    public void AddBitmap(string name, long granularity, bool enabled)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(name);
+        if (granularity < 512 || granularity > 1L << 31 || (granularity & (granularity - 1)) != 0)
+        {
+            throw new ArgumentOutOfRangeException(nameof(granularity), "Granularity must be power of 2 between 512 and 2147483648");
+        }
+        if (System.Text.Encoding.UTF8.GetByteCount(name) > 1023)
+        {
+            throw new ArgumentException("the bitmap name is longer than 1023 bytes", nameof(name));
+        }
+        EditBitmaps(list =>
+        {
+            if (list.Any(b => b.Entry.Name == name))
+            {
+                throw new ArgumentException($"{Name ?? "image"}: a bitmap named '{name}' already exists", nameof(name));
+            }
+            if (list.Count >= BitmapDirectory.MaxBitmaps)
+            {
+                throw new InvalidOperationException($"{Name ?? "image"}: the image already has the maximum of {BitmapDirectory.MaxBitmaps} bitmaps");
+            }
+            var bits = System.Numerics.BitOperations.Log2((ulong)granularity);
+            var count = QcowHeader.CeilDiv(_size, granularity);
+            list.Add(new LoadedBitmap
+            {
+                Entry = new BitmapDirectoryEntry { Name = name, GranularityBits = bits, Flags = enabled ? BitmapDirectoryEntry.FlagAuto : 0 },
+                Bits = new ulong[QcowHeader.CeilDiv(count, 64)],
+                BitCount = count,
+                Consistent = true,
+                Tracking = enabled,
+                Rewrite = true,
+            });
+            return [];
+        });
+    }
+
+    /// <summary>qemu-img bitmap --remove.</summary>
+    public void RemoveBitmap(string name) => EditBitmaps(list =>
+    {
+        var b = FindLoaded(list, name);
+        list.Remove(b);
+        return [b.Entry];
+    });
+
+    /// <summary>qemu-img bitmap --clear: every bit clean (an inconsistent bitmap becomes consistent).</summary>
+    public void ClearBitmap(string name) => EditBitmaps(list =>
+    {
+        var b = FindLoaded(list, name);
+        b.BitCount = QcowHeader.CeilDiv(_size, b.Entry.Granularity);
+        b.Bits = new ulong[QcowHeader.CeilDiv(b.BitCount, 64)];
+        b.Consistent = true;
+        b.Tracking = b.Entry.Auto;
+        b.Rewrite = true;
+        return [];
+    });
+
+    /// <summary>qemu-img bitmap --enable / --disable: the AUTO flag.</summary>
+    public void SetBitmapEnabled(string name, bool enabled) => EditBitmaps(list =>
+    {
+        var b = FindLoaded(list, name);
+        b.Entry.Flags = enabled ? b.Entry.Flags | BitmapDirectoryEntry.FlagAuto : b.Entry.Flags & ~BitmapDirectoryEntry.FlagAuto;
+        b.Tracking = enabled && b.Consistent;
+        return [];
+    });
+
+    private LoadedBitmap FindLoaded(List<LoadedBitmap> list, string name)
+        => list.FirstOrDefault(b => b.Entry.Name == name) ?? throw new ArgumentException($"{Name ?? "image"}: no bitmap named '{name}'", nameof(name));
+
+    /// <summary>Edits the bitmap list under the lock with no write in flight, and commits it at once.</summary>
+    private void EditBitmaps(Func<List<LoadedBitmap>, List<BitmapDirectoryEntry>> edit)
+    {
+        CheckWritable();
+        if (Header.Version < 3)
+        {
+            ThrowHelper.Unsupported(Name, QcowHeader.OffsetVersion, "version", "persistent bitmaps need a version 3 image (compat=1.1)");
+        }
+        Exclusive(() =>
+        {
+            if (_bitmaps is null && (Header.AutoclearFeatures & QcowHeader.AutoclearBitmaps) == 0)
+            {
+                // A stale extension (autoclear bit clear) describes nothing: start over without it.
+                _bitmaps = [];
+            }
+            if (_bitmaps is null)
+            {
+                throw new QcowFormatException($"{Name ?? "image"}: the bitmap directory cannot be used", Name, QcowHeader.OffsetAutoclearFeatures, "bitmaps extension");
+            }
+            FlushLocked();
+            var removed = edit(_bitmaps);
+            CommitBitmaps(removed, force: true);
+        });
     }
 
     /// <summary>The clusters a stored bitmap occupies: its table and its data clusters.</summary>
