@@ -97,6 +97,23 @@ public sealed class BitmapTests
     }
 
     [Fact]
+    public void Extension_area_rewrites_keep_the_current_directory_pointer()
+    {
+        using var dir = new TempDir();
+        var path = MakeImage(dir);
+        using (var img = QcowImage.Open(path))
+        {
+            img.Write(1L << 20, new byte[100]);
+            img.AddBitmap("later", 65536);      // commits: the directory moves
+            _ = img.HeatIdentity;               // adds the QTID extension: the extension area is rewritten
+            img.Write(2L << 20, new byte[100]);
+        }
+        Qemu.AssertClean(path);
+        QemuDirty(path, "b1").Should().Contain((1L << 20, 65536)).And.Contain((2L << 20, 65536));
+        QemuDirty(path, "later").Should().Equal([(2L << 20, 65536L)]);
+    }
+
+    [Fact]
     public void Read_only_and_idle_writable_opens_leave_the_file_unchanged()
     {
         using var dir = new TempDir();

@@ -29,7 +29,9 @@ internal sealed partial class QcowCore
 
     private List<LoadedBitmap>? _bitmaps;         // writable opens with a usable bitmaps extension
     private BitmapsExtension? _bitmapsExtension;
-    private long _bitmapsExtData = -1;            // file offset of the extension's data
+
+    /// <summary>File offset of the extension's data, or -1: found by type each time, since other features rewrite the extension area.</summary>
+    private long BitmapsExtData => Header.Extensions.FirstOrDefault(x => x.Type == HeaderExtension.Bitmaps) is { } e ? e.Offset + 8 : -1;
     private volatile bool _trackingInUse;         // every tracking bitmap is IN_USE on disk
 
     /// <summary>
@@ -82,7 +84,6 @@ internal sealed partial class QcowCore
             list.Add(b);
         }
         _bitmapsExtension = ext;
-        _bitmapsExtData = Header.Extensions.First(x => x.Type == HeaderExtension.Bitmaps).Offset + 8;
         _bitmaps = list;
     }
 
@@ -306,7 +307,6 @@ internal sealed partial class QcowCore
                 RewriteExtensions(Header.Extensions.Where(e => e.Type != HeaderExtension.Bitmaps).ToList());
             }
             _bitmapsExtension = null;
-            _bitmapsExtData = -1;
         }
         else
         {
@@ -319,7 +319,7 @@ internal sealed partial class QcowCore
             _refcounts.WriteBack();
             File.Flush();
             var extData = BitmapDirectoryEntry.ExtensionData(entries.Count, dirOff, dir.Length);
-            if (_bitmapsExtData < 0)
+            if (BitmapsExtData < 0 || (Header.AutoclearFeatures & QcowHeader.AutoclearBitmaps) == 0)
             {
                 // A new extension, then the autoclear bit that makes QEMU trust it.
                 var list = Header.Extensions.Where(e => e.Type != HeaderExtension.Bitmaps).ToList();
@@ -329,13 +329,15 @@ internal sealed partial class QcowCore
                     throw new QcowException($"{Name ?? "image"}: no room in the header cluster for the bitmaps extension");
                 }
                 RewriteExtensions(list);
-                _bitmapsExtData = Header.Extensions.First(e => e.Type == HeaderExtension.Bitmaps).Offset + 8;
                 Header.AutoclearFeatures |= QcowHeader.AutoclearBitmaps;
                 WriteHeaderU64(QcowHeader.OffsetAutoclearFeatures, Header.AutoclearFeatures);
             }
             else
             {
-                File.Write(_bitmapsExtData, extData);
+                var at = Header.Extensions.FindIndex(e => e.Type == HeaderExtension.Bitmaps);
+                File.Write(Header.Extensions[at].Offset + 8, extData);
+                // Whoever rewrites the extension area later must write this pointer, not the one read at open.
+                Header.Extensions[at] = Header.Extensions[at] with { Data = extData };
             }
             File.Flush();
             _bitmapsExtension = new BitmapsExtension((uint)entries.Count, (ulong)dirOff, (ulong)dir.Length);
