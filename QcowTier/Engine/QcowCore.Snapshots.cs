@@ -52,6 +52,10 @@ internal sealed partial class QcowCore
     public SnapshotHeader CreateSnapshot(string name)
     {
         ArgumentException.ThrowIfNullOrEmpty(name);
+        if (System.Text.Encoding.UTF8.GetByteCount(name) > ushort.MaxValue)
+        {
+            throw new ArgumentException("the snapshot name is longer than the 65535 bytes its table entry can hold", nameof(name));
+        }
         CheckWritable();
         RefuseSnapshotsOnTier();
         return Exclusive(() =>
