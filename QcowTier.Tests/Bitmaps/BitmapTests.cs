@@ -232,6 +232,79 @@ public sealed class BitmapTests
     }
 }
 
+/// <summary>Power cuts during bitmap edits: the directory QEMU sees is the old one or the new one, never a torn or dangling one.</summary>
+public sealed class BitmapEditCrashTests
+{
+    [Theory]
+    [InlineData("add")]
+    [InlineData("remove")]
+    [InlineData("remove-all")]
+    public void Power_cut_during_an_edit_leaves_the_old_or_the_new_directory(string edit)
+    {
+        using var dir = new TempDir();
+        var path = BitmapTests.MakeImage(dir);
+        var original = File.ReadAllBytes(path);
+        string[] before = ["b1", "b2", "b3"];
+        var after = edit switch
+        {
+            "add" => new[] { "b1", "b2", "b3", "new" },
+            "remove" => ["b1", "b3"],
+            _ => [],
+        };
+        long total;
+        {
+            var s = new FaultInjectingStorage(original, "bm.qcow2");
+            var start = s.WriteCount;
+            Edit(s);
+            total = s.WriteCount - start;
+        }
+        var seed = 0;
+        foreach (var cut in CrashHarness.CutPoints(total, 12))
+        {
+            var s = new FaultInjectingStorage(original, "bm.qcow2");
+            s.CutAtWrite(cut);
+            try
+            {
+                Edit(s);
+            }
+            catch (Exception e) when (s.IsCut)
+            {
+                _ = e;
+            }
+            var crashed = s.CrashImage(new Random(++seed), 0.5, tear: true);
+            var file = dir.File($"{edit}-cut{cut}.qcow2");
+            File.WriteAllBytes(file, crashed);
+            QemuTools.AssertNoCorruption(file);
+            using var ro = QcowImage.OpenOn(new FaultInjectingStorage(crashed, file), new QcowOpenOptions { ReadOnly = true });
+            var names = ro.GetBitmaps().Select(b => b.Name).ToArray();
+            // Removing all is three edits: each intermediate directory is a legitimate state too.
+            var allowed = edit == "remove-all" ? new[] { before, ["b2", "b3"], ["b3"], after } : [before, after];
+            allowed.Any(a => names.SequenceEqual(a)).Should().BeTrue($"cut {cut}: [{string.Join(",", names)}]");
+            Qemu.Img("info", file).EnsureSuccess();
+            foreach (var b in ro.GetBitmaps().Where(b => !b.Inconsistent))
+            {
+                BitmapTests.QemuDirty(file, b.Name).Should().Equal(ro.GetBitmapDirtyRanges(b.Name), $"cut {cut}: {b.Name}");
+            }
+        }
+
+        void Edit(FaultInjectingStorage s)
+        {
+            using var img = QcowImage.OpenOn(s);
+            switch (edit)
+            {
+                case "add": img.AddBitmap("new", 4096); break;
+                case "remove": img.RemoveBitmap("b2"); break;
+                default:
+                    foreach (var b in before)
+                    {
+                        img.RemoveBitmap(b);
+                    }
+                    break;
+            }
+        }
+    }
+}
+
 /// <summary>qcowtier bitmap against qemu-img bitmap: same effects (judged by qemu-img info and qemu-nbd), same errors.</summary>
 public sealed class BitmapCliTests
 {

@@ -60,14 +60,20 @@ public sealed class SnapshotCrashTests
         var total = Run(setup, op, long.MaxValue, 0, out _).Writes;
         total.Should().BeGreaterThan(5);
         var seed = 0;
+        var dirty = 0;
         foreach (var cut in CrashHarness.CutPoints(total, 14))
         {
             foreach (var mode in new[] { CrashMode.DropAll, CrashMode.TornSectors })
             {
                 var outcome = Run(setup, op, cut, mode == CrashMode.DropAll ? -1 : ++seed, out var crashed);
+                dirty += (crashed[79] & 1) != 0 ? 1 : 0;
                 Judge(setup, op, crashed, dir, $"{op}{(v2 ? "-v2" : "")}-cut{cut}-{mode}", v2);
                 _ = outcome;
             }
+        }
+        if (!v2)
+        {
+            dirty.Should().BeGreaterThan(0, "some cuts land inside the operation, under the dirty bit");
         }
     }
 
