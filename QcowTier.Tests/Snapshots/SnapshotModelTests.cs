@@ -257,3 +257,38 @@ public sealed class SnapshotConcurrencyTests
         }
     }
 }
+
+/// <summary>QEMU's overlap check covers the snapshot table, inactive L1 tables and the bitmap directory: a damaged entry pointing there is refused.</summary>
+public sealed class SnapshotOverlapTests
+{
+    [Theory]
+    [InlineData("snapshot-table")]
+    [InlineData("inactive-l1")]
+    public void A_write_through_an_entry_pointing_at_snapshot_metadata_is_refused(string target)
+    {
+        using var dir = new TempDir();
+        var path = dir.File("o.qcow2");
+        Qemu.Img("create", "-f", "qcow2", path, "4M").EnsureSuccess();
+        Qemu.Io("-c", "write -P 1 0 64k", path).EnsureSuccess();
+        Qemu.Img("snapshot", "-c", "s", path).EnsureSuccess();
+        Qemu.Io("-c", "write -P 2 0 64k", path).EnsureSuccess(); // the active table and cluster are copies now
+        var img = new QcowTier.Tests.Check.RawImage(path);
+        var l2 = (long)(img.ReadU64(img.L1Offset) & 0x00fffffffffffe00UL);
+        long victim;
+        using (var ro = QcowImage.Open(path, new QcowOpenOptions { ReadOnly = true }))
+        {
+            var h = ro.Core.Header;
+            victim = target == "snapshot-table"
+                ? h.SnapshotsOffset
+                : QcowTier.Format.SnapshotHeader.ReadTable(ro.Core.File, h, out _)[0].L1TableOffset;
+        }
+        img.WriteU64(l2, (ulong)victim | (1UL << 63));
+        var before = File.ReadAllBytes(path).AsSpan((int)victim, 512).ToArray();
+        using (var rw = QcowImage.Open(path))
+        {
+            FluentActions.Invoking(() => rw.Write(0, new byte[512])).Should().Throw<QcowCorruptImageException>()
+                .Which.Message.Should().Contain("snapshot table or inactive L1 table");
+        }
+        File.ReadAllBytes(path).AsSpan((int)victim, 512).ToArray().Should().Equal(before, "the metadata was not overwritten");
+    }
+}

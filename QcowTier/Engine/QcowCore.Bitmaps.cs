@@ -474,6 +474,13 @@ internal sealed partial class QcowCore
         return list;
     }
 
+    /// <summary>For the overlap check (QEMU's bitmap-directory check).</summary>
+    private bool IsBitmapDirectory(long clusterOffset)
+    {
+        var ext = _bitmapsExtension;
+        return ext is not null && Overlaps(clusterOffset, _clusterSize, (long)ext.DirectoryOffset, (long)ext.DirectorySize);
+    }
+
     // ---------------------------------------------------------------- queries
 
     /// <summary>The bitmaps as stored (read-only opens) or as maintained (writable opens): entry and whether its bits can be trusted.</summary>

@@ -213,6 +213,44 @@ internal sealed partial class QcowCore
 
     // ---------------------------------------------------------------- helpers (lock held)
 
+    private HashSet<long>? _snapshotMetaClusters; // clusters of the snapshot table and the inactive L1 tables
+
+    /// <summary>For the overlap check (QEMU's snapshot-table and inactive-l1 checks): built on first need, dropped when the table changes.</summary>
+    private bool IsSnapshotMetadata(long clusterOffset)
+    {
+        if (Header.NbSnapshots == 0)
+        {
+            return false;
+        }
+        if (_snapshotMetaClusters is null)
+        {
+            var set = new HashSet<long>();
+            try
+            {
+                var list = SnapshotHeader.ReadTable(File, Header, out var size);
+                AddClusters(set, Header.SnapshotsOffset, size);
+                foreach (var sn in list)
+                {
+                    AddClusters(set, sn.L1TableOffset, sn.L1Size * 8L);
+                }
+            }
+            catch (QcowFormatException)
+            {
+                // An unreadable table protects nothing; the checker reports it.
+            }
+            _snapshotMetaClusters = set;
+        }
+        return _snapshotMetaClusters.Contains(clusterOffset >> _clusterBits);
+    }
+
+    private void AddClusters(HashSet<long> set, long offset, long length)
+    {
+        for (var c = offset >> _clusterBits; length > 0 && c <= (offset + length - 1) >> _clusterBits; c++)
+        {
+            set.Add(c);
+        }
+    }
+
     private void RefuseSnapshotsOnTier()
     {
         if (_tier is not null)
@@ -516,6 +554,7 @@ internal sealed partial class QcowCore
         var oldOffset = Header.SnapshotsOffset;
         Header.NbSnapshots = (uint)list.Count;
         Header.SnapshotsOffset = offset;
+        _snapshotMetaClusters = null;
         if (oldOffset != 0 && oldSize > 0)
         {
             _refcounts.FreeNow(oldOffset, (int)QcowHeader.CeilDiv(oldSize, _clusterSize));
