@@ -34,6 +34,11 @@ public sealed partial class QcowImage
     /// <param name="name">The bitmap's name.</param>
     public void ClearBitmap(string name) => _core.ClearBitmap(name);
 
+    /// <summary>Marks dirty in one bitmap every range another bitmap of this image marks (qemu-img bitmap --merge).</summary>
+    /// <param name="target">The bitmap that gains the dirty ranges.</param>
+    /// <param name="source">The bitmap whose dirty ranges are added; unchanged.</param>
+    public void MergeBitmap(string target, string source) => _core.MergeBitmap(target, source);
+
     /// <summary>Sets or clears a bitmap's AUTO flag (qemu-img bitmap --enable / --disable).</summary>
     /// <param name="name">The bitmap's name.</param>
     /// <param name="enabled">Whether it records writes.</param>

@@ -8,7 +8,7 @@ internal sealed class BitmapCommand : Command
 {
     public override string Name => "bitmap";
 
-    public override string Synopsis => "bitmap (--add | --remove | --clear | --enable | --disable)... [-g granularity] [-f fmt] [-q] filename bitmap";
+    public override string Synopsis => "bitmap (--merge source | --add | --remove | --clear | --enable | --disable)... [-g granularity] [-f fmt] [-q] filename bitmap";
 
     public override string Help => """
         Changes a persistent dirty bitmap of a qcow2 (version 3) image; the actions run in the order given.
@@ -17,9 +17,10 @@ internal sealed class BitmapCommand : Command
           --clear         mark every bit clean
           --enable        record writes (the AUTO flag)
           --disable       stop recording writes
+          --merge source  mark dirty every range bitmap 'source' of the same image marks
           -g granularity  bytes per bit for --add (default 64k)
           -f fmt          qcow2 (default: detected)
-        --merge is not supported yet.
+        Merging from another image (-b) is not supported yet.
 
         """;
 
@@ -31,7 +32,8 @@ internal sealed class BitmapCommand : Command
         {
             return PrintHelp(ctx);
         }
-        var actions = o.Options.Where(x => x.Key is "add" or "remove" or "clear" or "enable" or "disable" or "merge").Select(x => x.Key).ToList();
+        var steps = o.Options.Where(x => x.Key is "add" or "remove" or "clear" or "enable" or "disable" or "merge").ToList();
+        var actions = steps.Select(x => x.Key).ToList();
         if (actions.Count == 0)
         {
             throw new CliException("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge");
@@ -40,9 +42,9 @@ internal sealed class BitmapCommand : Command
         {
             throw new CliException("Expecting filename and bitmap name");
         }
-        if (actions.Contains("merge"))
+        if (o.Has("b"))
         {
-            throw new CliException("--merge is not supported yet");
+            throw new CliException("merging a bitmap of another image (-b) is not supported yet");
         }
         long granularity = 65536;
         if (o.Get("g") is { } g)
@@ -63,11 +65,12 @@ internal sealed class BitmapCommand : Command
         {
             throw new CliException($"Operation {actions[0]} on bitmap {name} failed: Block format 'raw' used by device '' does not support persistent bitmaps");
         }
-        foreach (var act in actions)
+        foreach (var (act, source) in steps)
         {
             var exists = q.Image.GetBitmaps().Any(b => b.Name == name);
             string? error = act switch
             {
+                "merge" when !q.Image.GetBitmaps().Any(b => b.Name == source) => $"Dirty bitmap '{source}' not found",
                 "add" when exists => $"Bitmap already exists: {name}",
                 "add" when granularity < 512 || (granularity & (granularity - 1)) != 0 => "Granularity must be power of 2 and at least 512",
                 not "add" when !exists => $"Dirty bitmap '{name}' not found",
@@ -84,6 +87,7 @@ internal sealed class BitmapCommand : Command
                     case "add": q.Image.AddBitmap(name, granularity); break;
                     case "remove": q.Image.RemoveBitmap(name); break;
                     case "clear": q.Image.ClearBitmap(name); break;
+                    case "merge": q.Image.MergeBitmap(name, source!); break;
                     default: q.Image.SetBitmapEnabled(name, act == "enable"); break;
                 }
             }

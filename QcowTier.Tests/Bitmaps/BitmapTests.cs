@@ -353,6 +353,32 @@ public sealed class BitmapCliTests
         File.ReadAllBytes(ours)[95].Should().Be(0, "no bitmaps, no autoclear bit");
     }
 
+    [Fact]
+    public void Merge_matches_qemu_img()
+    {
+        using var dir = new TempDir();
+        var ours = BitmapTests.MakeImage(dir, "ours.qcow2");
+        var theirs = dir.File("theirs.qcow2");
+        File.Copy(ours, theirs);
+        Qemu.Io("-c", "write 3M 10k", ours).EnsureSuccess();
+        Qemu.Io("-c", "write 3M 10k", theirs).EnsureSuccess();
+        foreach (var (src, dst) in new[] { ("b1", "b2"), ("b3", "b2"), ("b2", "b1") })
+        {
+            var r = Cli.CliHarness.Run("bitmap", "--merge", src, ours, dst);
+            r.ExitCode.Should().Be(0, r.StdErr);
+            Qemu.Img("bitmap", "--merge", src, theirs, dst).EnsureSuccess();
+        }
+        Qemu.AssertClean(ours);
+        foreach (var b in new[] { "b1", "b2", "b3" })
+        {
+            BitmapTests.QemuDirty(ours, b).Should().Equal(BitmapTests.QemuDirty(theirs, b), b);
+        }
+        var q = Qemu.Img("bitmap", "--merge", "nosuch", theirs, "b1");
+        var e = Cli.CliHarness.Run("bitmap", "--merge", "nosuch", ours, "b1");
+        e.ExitCode.Should().Be(q.ExitCode);
+        e.StdErr.Should().Be(Cli.CliHarness.AsOurs(q.StdErr));
+    }
+
     [Theory]
     [InlineData("--remove", "nosuch")]
     [InlineData("--clear", "nosuch")]

@@ -424,6 +424,23 @@ internal sealed partial class QcowCore
         return [];
     });
 
+    /// <summary>qemu-img bitmap --merge: every range dirty in <paramref name="source"/> becomes dirty in <paramref name="target"/>.</summary>
+    public void MergeBitmap(string target, string source) => EditBitmaps(list =>
+    {
+        var t = FindLoaded(list, target);
+        var src = FindLoaded(list, source);
+        if (!t.Consistent || !src.Consistent)
+        {
+            ThrowInconsistent(!t.Consistent ? t.Entry : src.Entry);
+        }
+        foreach (var (offset, length) in BitmapDirtyRanges(source))
+        {
+            SetBits(t.Bits, offset >> t.Entry.GranularityBits, Math.Min((offset + length - 1) >> t.Entry.GranularityBits, t.BitCount - 1));
+        }
+        t.Rewrite = true;
+        return [];
+    });
+
     private LoadedBitmap FindLoaded(List<LoadedBitmap> list, string name)
         => list.FirstOrDefault(b => b.Entry.Name == name) ?? throw new ArgumentException($"{Name ?? "image"}: no bitmap named '{name}'", nameof(name));
 
