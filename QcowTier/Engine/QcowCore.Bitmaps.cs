@@ -46,7 +46,8 @@ internal sealed partial class QcowCore
         }
         ulong keep = 0;
         var ext = BitmapDirectory.Find(Header, out var error);
-        if (ext is not null && error is null)
+        // The checker's parser applies QEMU's rules to every entry (type, granularity, table size, flags).
+        if (ext is not null && error is null && BitmapDirectory.Load(File, Header, ext) is not null)
         {
             try
             {
