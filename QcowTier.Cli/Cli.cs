@@ -10,6 +10,7 @@ internal static class Cli
     [
         new AmendCommand(),
         new BenchCommand(),
+        new BitmapCommand(),
         new CheckCommand(),
         new CompareCommand(),
         new ConvertCommand(),

@@ -78,6 +78,10 @@ internal sealed class InfoCommand : Command
                 data.Add("data-file", qi.DataFile);
                 data.Add("data-file-raw", qi.DataFileRaw);
             }
+            if ((disk as QcowDisk)?.Image.GetBitmaps() is { Count: > 0 } bitmaps)
+            {
+                data.Add("bitmaps", bitmaps.Select(BitmapCommand.ToQDict).ToList<object>());
+            }
             if (qi.Version >= 3)
             {
                 data.Add("extended-l2", qi.ExtendedL2);
@@ -158,12 +162,7 @@ internal sealed class InfoCommand : Command
             var data = specDict.InQemuOrder().First(m => m.Key == "data").Value as QDict;
             foreach (var (key, value) in data!.InQemuOrder())
             {
-                var text = value switch
-                {
-                    bool b => b ? "true" : "false",
-                    _ => Convert.ToString(value, System.Globalization.CultureInfo.InvariantCulture),
-                };
-                w.WriteLine($"    {key.Replace('-', ' ')}: {text}");
+                BitmapCommand.DumpHuman(key, value, 1, w);
             }
         }
     }

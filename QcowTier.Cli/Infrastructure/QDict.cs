@@ -72,7 +72,8 @@ internal sealed class QDict
             case System.Collections.IList list:
                 if (list.Count == 0)
                 {
-                    sb.Append("[]");
+                    // As qobject_to_json_pretty: the newline and indentation come even without members.
+                    sb.Append("[\n").Append(' ', depth * 4).Append(']');
                     return;
                 }
                 sb.Append('[');

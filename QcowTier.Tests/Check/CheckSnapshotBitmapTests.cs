@@ -160,15 +160,15 @@ public sealed class CheckSnapshotBitmapTests
     }
 
     [Fact]
-    public void Writable_open_drops_bitmaps_and_leak_repair_reclaims_them()
+    public void Writable_open_keeps_bitmaps_and_leak_repair_finds_nothing()
     {
         using var dir = new TempDir();
         var path = BuildWithBitmaps(dir);
 
-        // Our engine does not maintain bitmaps; a writable open clears the autoclear bit, so their clusters are leaked.
+        // The engine maintains bitmaps (Bitmaps/BitmapTests): a writable open keeps the autoclear bit and their clusters.
         var result = CheckHarness.Ours(path, QcowRepairMode.Leaks);
 
-        result.LeaksFixed.Should().BeGreaterThan(0);
+        result.LeaksFixed.Should().Be(0);
         result.IsClean.Should().BeTrue(CheckHarness.Describe(result));
         Qemu.AssertClean(path);
     }

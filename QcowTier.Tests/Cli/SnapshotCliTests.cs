@@ -74,3 +74,21 @@ public sealed class SnapshotCliTests
         t.ShouldBeOneLineError("not supported");
     }
 }
+
+/// <summary>qcowtier info shows persistent bitmaps as qemu-img info does.</summary>
+public sealed class BitmapInfoCliTests
+{
+    [Fact]
+    public void Info_lists_bitmaps_like_qemu_img()
+    {
+        using var dir = new TempDir();
+        var path = QcowTier.Tests.Bitmaps.BitmapTests.MakeImage(dir);
+        foreach (var output in new[] { "human", "json" })
+        {
+            var q = Qemu.Img("info", "--output=" + output, path).EnsureSuccess();
+            var r = CliHarness.Run("info", "--output=" + output, path);
+            r.ExitCode.Should().Be(0, r.StdErr);
+            r.StdOut.Should().Be(q.StdOut);
+        }
+    }
+}

@@ -154,7 +154,7 @@ internal sealed class CheckPass
             {
                 if (sn.ExtraDataSize < SnapshotTable.MinV3ExtraData)
                 {
-                    // QEMU -r all rewrites the snapshot table here; we do not write snapshot tables, so it stays reported.
+                    // QEMU -r all rewrites the snapshot table here; the checker does not, so it stays reported.
                     _snapshotCounters.Corruptions++;
                     _log.Add($"ERROR snapshot table entry {sn.Index} is incomplete");
                 }

@@ -20,6 +20,8 @@ internal sealed partial class QcowCore
         RefcountTable = 8,
         RefcountBlock = 16,
         TierHints = 32,
+        Snapshots = 64,        // the snapshot table and the snapshots' L1 tables
+        BitmapDirectory = 128,
     }
 
     private HashSet<long>? _activeL2;   // host offsets of the L2 tables the L1 table points to
@@ -89,6 +91,14 @@ internal sealed partial class QcowCore
         {
             m |= Meta.TierHints;
         }
+        if (IsSnapshotMetadata(clusterOffset))
+        {
+            m |= Meta.Snapshots;
+        }
+        if (IsBitmapDirectory(clusterOffset))
+        {
+            m |= Meta.BitmapDirectory;
+        }
         return m;
     }
 
@@ -99,6 +109,8 @@ internal sealed partial class QcowCore
         _ when (m & Meta.ActiveL2) != 0 => "active L2 table",
         _ when (m & Meta.RefcountTable) != 0 => "refcount table",
         _ when (m & Meta.RefcountBlock) != 0 => "refcount block",
+        _ when (m & Meta.Snapshots) != 0 => "snapshot table or inactive L1 table",
+        _ when (m & Meta.BitmapDirectory) != 0 => "bitmap directory",
         _ => "TIER hints table",
     };
 

@@ -52,6 +52,10 @@ internal sealed partial class QcowCore
     public SnapshotHeader CreateSnapshot(string name)
     {
         ArgumentException.ThrowIfNullOrEmpty(name);
+        if (System.Text.Encoding.UTF8.GetByteCount(name) > ushort.MaxValue)
+        {
+            throw new ArgumentException("the snapshot name is longer than the 65535 bytes its table entry can hold", nameof(name));
+        }
         CheckWritable();
         RefuseSnapshotsOnTier();
         return Exclusive(() =>
@@ -121,6 +125,8 @@ internal sealed partial class QcowCore
             var list = SnapshotHeader.ReadTable(File, Header, out _);
             var sn = FindSnapshot(list, nameOrId, byName);
             var snL1 = LoadSnapshotL1(sn);
+            // Every cluster may change: enabled bitmaps see the whole disk written (IN_USE first).
+            TrackWrite(0, _size);
             var setDirty = BeginSnapshotOperation();
 
             // 1. The snapshot's tables and clusters gain the active disk's reference; their COPIED
@@ -152,6 +158,8 @@ internal sealed partial class QcowCore
             File.Flush();
             if (sn.DiskSize != _size)
             {
+                ResizeBitmaps(sn.DiskSize);
+                TrackWrite(0, sn.DiskSize);
                 WriteHeaderU64(QcowHeader.OffsetSize, (ulong)sn.DiskSize);
                 File.Flush();
                 Header.Size = sn.DiskSize;
@@ -204,6 +212,44 @@ internal sealed partial class QcowCore
     }
 
     // ---------------------------------------------------------------- helpers (lock held)
+
+    private HashSet<long>? _snapshotMetaClusters; // clusters of the snapshot table and the inactive L1 tables
+
+    /// <summary>For the overlap check (QEMU's snapshot-table and inactive-l1 checks): built on first need, dropped when the table changes.</summary>
+    private bool IsSnapshotMetadata(long clusterOffset)
+    {
+        if (Header.NbSnapshots == 0)
+        {
+            return false;
+        }
+        if (_snapshotMetaClusters is null)
+        {
+            var set = new HashSet<long>();
+            try
+            {
+                var list = SnapshotHeader.ReadTable(File, Header, out var size);
+                AddClusters(set, Header.SnapshotsOffset, size);
+                foreach (var sn in list)
+                {
+                    AddClusters(set, sn.L1TableOffset, sn.L1Size * 8L);
+                }
+            }
+            catch (QcowFormatException)
+            {
+                // An unreadable table protects nothing; the checker reports it.
+            }
+            _snapshotMetaClusters = set;
+        }
+        return _snapshotMetaClusters.Contains(clusterOffset >> _clusterBits);
+    }
+
+    private void AddClusters(HashSet<long> set, long offset, long length)
+    {
+        for (var c = offset >> _clusterBits; length > 0 && c <= (offset + length - 1) >> _clusterBits; c++)
+        {
+            set.Add(c);
+        }
+    }
 
     private void RefuseSnapshotsOnTier()
     {
@@ -508,6 +554,7 @@ internal sealed partial class QcowCore
         var oldOffset = Header.SnapshotsOffset;
         Header.NbSnapshots = (uint)list.Count;
         Header.SnapshotsOffset = offset;
+        _snapshotMetaClusters = null;
         if (oldOffset != 0 && oldSize > 0)
         {
             _refcounts.FreeNow(oldOffset, (int)QcowHeader.CeilDiv(oldSize, _clusterSize));

@@ -179,16 +179,10 @@ internal sealed partial class QcowCore : IDisposable
         {
             throw new InvalidOperationException($"{Name ?? "image"}: the storage is not writable");
         }
-        // We maintain none of QEMU's autoclear features (bitmaps, raw data file): clearing the bits
-        // tells the next reader that whatever they describe may no longer match the data.
-        // The raw-data-file bit is the exception: we keep such a data file a valid raw image.
-        var kept = _external is not null ? Header.AutoclearFeatures & QcowHeader.AutoclearDataFileRaw : 0;
-        if (Header.Version >= 3 && Header.AutoclearFeatures != kept)
-        {
-            Header.AutoclearFeatures = kept;
-            WriteHeaderU64(QcowHeader.OffsetAutoclearFeatures, kept);
-            File.Flush();
-        }
+        // Autoclear features we do not maintain are cleared, telling the next reader that whatever they
+        // describe may no longer match the data; persistent bitmaps are maintained (QcowCore.Bitmaps.cs),
+        // and so is a raw external data file (we keep it a valid raw image).
+        PrepareAutoclearBits();
         if ((Header.IncompatibleFeatures & QcowHeader.IncompatDirty) != 0 && repairIfDirty)
         {
             // As QEMU: an image left dirty (lazy refcounts, or a crash) gets its refcounts rebuilt.
@@ -753,6 +747,7 @@ internal sealed partial class QcowCore : IDisposable
         CheckWritable();
         CheckRange(offset, data.Length);
         Observer?.OnWrite(offset, data.Length);
+        TrackWrite(offset, data.Length);
         while (!data.IsEmpty)
         {
             WritePlan plan;
@@ -802,6 +797,7 @@ internal sealed partial class QcowCore : IDisposable
         CheckWritable();
         CheckRange(offset, data.Length);
         Observer?.OnWrite(offset, data.Length);
+        TrackWrite(offset, data.Length);
         while (!data.IsEmpty)
         {
             ct.ThrowIfCancellationRequested();
@@ -932,6 +928,7 @@ internal sealed partial class QcowCore : IDisposable
     {
         CheckWritable();
         CheckRange(offset, length);
+        TrackWrite(offset, length);
         var start = (offset + _clusterSize - 1) & ~(long)(_clusterSize - 1);
         var end = offset + length == Size ? offset + length : (offset + length) & ~(long)(_clusterSize - 1);
         if (end <= start)
@@ -973,6 +970,7 @@ internal sealed partial class QcowCore : IDisposable
         {
             return;
         }
+        TrackWrite(offset, length);
         var end = offset + length;
         var alignedStart = (offset + _clusterSize - 1) & ~(long)(_clusterSize - 1);
         var alignedEnd = end == Size ? (end + _clusterSize - 1) & ~(long)(_clusterSize - 1) : end & ~(long)(_clusterSize - 1);
@@ -1296,6 +1294,7 @@ internal sealed partial class QcowCore : IDisposable
                 // Before the size: a cut in between leaves linked clusters past the end, which QEMU accepts.
                 PreallocateLocked(preallocation, oldSize, newSize); // QcowCore.Preallocate.cs
             }
+            ResizeBitmaps(newSize);
             WriteHeaderU64(QcowHeader.OffsetSize, (ulong)newSize);
             File.Flush();
             Header.Size = newSize;
@@ -1493,6 +1492,7 @@ internal sealed partial class QcowCore : IDisposable
                 lock (_lock)
                 {
                     FlushLocked();
+                    StoreBitmaps();
                     if (_dirtyMarked)
                     {
                         ClearDirtyBit();
