@@ -315,6 +315,11 @@ internal sealed partial class QcowCore
         {
             throw new QcowUnsupportedFeatureException("tiering needs a version 3 image (compat=1.1)", Name, QcowHeader.OffsetVersion, "version");
         }
+        if (HasBacking)
+        {
+            // Tier data lives in whole images only; docs/FORMAT.md §1.1.
+            throw new QcowUnsupportedFeatureException("tiered images with a backing file are not supported (flatten the image first)", Name, QcowHeader.OffsetBackingFileOffset, "backing_file_offset");
+        }
         lock (_lock)
         {
             if (_tier is not null)
