@@ -113,4 +113,10 @@ public sealed class QcowCreateOptions
 
     /// <summary>The backing file's format, "qcow2" or "raw" (-F), stored in the image; null to detect it from the file's magic.</summary>
     public string? BackingFormat { get; init; }
+
+    /// <summary>
+    /// How the backing file is opened by the creation and by the returned image: <see cref="QcowBackingPolicy.Ignore"/>
+    /// creates without opening or checking it (qemu-img create -u); the returned image then refuses copy-on-write.
+    /// </summary>
+    public QcowBackingPolicy BackingPolicy { get; init; }
 }

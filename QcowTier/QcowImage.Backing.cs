@@ -79,4 +79,23 @@ public sealed partial class QcowImage
         }
         return result;
     }
+
+    /// <summary>
+    /// Changes the backing file (qemu-img rebase). A safe rebase first copies into this image every cluster it
+    /// does not allocate whose content would change, so the guest sees the same disk; an unsafe one
+    /// (<paramref name="unsafeRebase"/>, -u) only rewrites the name, for when the new file has the same content.
+    /// </summary>
+    /// <param name="backingFile">The new backing file name as it is to be stored (relative to this image's folder); null or empty to remove the backing file (a safe rebase then flattens the chain into this image).</param>
+    /// <param name="backingFormat">"qcow2" or "raw", stored in the header; null to store none (readers probe).</param>
+    /// <param name="unsafeRebase">Change only the header.</param>
+    public void Rebase(string? backingFile, string? backingFormat = null, bool unsafeRebase = false)
+        => _core.Rebase(backingFile, backingFormat, unsafeRebase);
+
+    /// <summary>
+    /// Writes what this image allocates into its backing file (qemu-img commit), growing the backing file when it
+    /// is smaller, then empties this image so it reads everything from the backing file again.
+    /// No other writes to this image may run meanwhile.
+    /// </summary>
+    /// <param name="keepTop">Leave this image's clusters in place (qemu-img commit -d).</param>
+    public void Commit(bool keepTop = false) => _core.Commit(keepTop);
 }

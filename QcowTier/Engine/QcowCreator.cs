@@ -80,6 +80,7 @@ internal static class QcowCreator
         file.SetLength(0);
         file.Write(0, image);
         file.Flush();
+        backing ??= new BackingContext { Policy = o.BackingPolicy };
         var core = QcowCore.Open(file, readOnly: false, dataFileFactory: dataFileFactory, backing: backing);
         try
         {
