@@ -135,6 +135,9 @@ internal sealed class CreateOptions
 
     public bool IsSet(string key) => _values.ContainsKey(key);
 
+    /// <summary>Sets a text option as if given with -o (qemu-img's -b and -F).</summary>
+    public void SetText(string key, string value) => Set(key, value);
+
     public string? Text(string key) => _values.TryGetValue(key, out var v) ? v.Text : _specs.First(s => s.Name == key).Default;
 
     public ulong? Number(string key)
@@ -167,12 +170,9 @@ internal sealed class CreateOptions
     }
 
     /// <summary>The library's options, after QEMU's checks (made once the Formatting line is out).</summary>
-    public QcowCreateOptions ToQcow(long size)
+    public QcowCreateOptions ToQcow(long size, bool unsafeBacking = false)
     {
-        if (IsSet("backing_file") || IsSet("backing_fmt"))
-        {
-            throw new CliException("backing files are not supported yet");
-        }
+        var (backingFile, backingFormat) = CreateBacking.Check(this);
         if (IsSet("data_file") || IsSet("data_file_raw"))
         {
             throw new CliException("external data files are not supported yet");
@@ -235,6 +235,10 @@ internal sealed class CreateOptions
         QcowTierOptions? tier = null;
         if (Text("tier_data_file") is { Length: > 0 } dataFile)
         {
+            if (backingFile is not null)
+            {
+                throw new CliException("Tiered images with a backing file are not supported");
+            }
             if (compat == QcowCompat.V2)
             {
                 throw new CliException("Tiered images need compatibility level 1.1 (compat=1.1)");
@@ -263,6 +267,9 @@ internal sealed class CreateOptions
             LazyRefcounts = lazy,
             Preallocation = prealloc,
             Tier = tier,
+            BackingFile = backingFile,
+            BackingFormat = backingFormat,
+            BackingPolicy = unsafeBacking ? QcowBackingPolicy.Ignore : QcowBackingPolicy.Follow,
         };
     }
 
