@@ -10,6 +10,7 @@ internal static class Cli
     [
         new BenchCommand(),
         new CheckCommand(),
+        new CommitCommand(),
         new CompareCommand(),
         new ConvertCommand(),
         new CreateCommand(),
@@ -18,6 +19,7 @@ internal static class Cli
         new IoCommand(),
         new MapCommand(),
         new RebalanceCommand(),
+        new RebaseCommand(),
         new ResizeCommand(),
         new TierCommand(),
     ];

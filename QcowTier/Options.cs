@@ -74,6 +74,12 @@ public sealed class QcowOpenOptions
     /// </summary>
     public string? TierDataFile { get; init; }
 
+    /// <summary>
+    /// For stream and handle opens: the image's path, used in messages and to resolve a relative backing file
+    /// name (against its folder). Path opens use the path given.
+    /// </summary>
+    public string? FileName { get; init; }
+
     /// <summary>Which backing files the image may make us open; <see cref="QcowBackingPolicy.Follow"/> (QEMU's behaviour) by default.</summary>
     public QcowBackingPolicy BackingPolicy { get; init; }
 

@@ -59,7 +59,7 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
     {
         ArgumentNullException.ThrowIfNull(handle);
         options ??= new QcowOpenOptions();
-        return OpenStorage(new FileStorage(handle, null, !options.ReadOnly, !options.LeaveOpen), options);
+        return OpenStorage(new FileStorage(handle, options.FileName, !options.ReadOnly, !options.LeaveOpen), options);
     }
 
     /// <summary>Opens an image held in a seekable stream. Requests are serialized on the stream.</summary>
@@ -70,7 +70,7 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
     {
         ArgumentNullException.ThrowIfNull(stream);
         options ??= new QcowOpenOptions();
-        return OpenStorage(new StreamStorage(stream, (stream as FileStream)?.Name, options.LeaveOpen), options);
+        return OpenStorage(new StreamStorage(stream, options.FileName ?? (stream as FileStream)?.Name, options.LeaveOpen), options);
     }
 
     /// <summary>Opens an image on any storage (tests use a fault-injecting one); the storage is disposed with the image.</summary>

@@ -22,7 +22,14 @@ internal sealed partial class QcowDisk : Disk
         // cache=unsafe: the library flushes (fsyncs) on its own schedule and when closed; a stream
         // whose flush does not reach the disk is how it is told not to.
         Image = cache.NoFlush && writable && !cache.Direct
-            ? QcowImage.Open(new UnsyncedFileStream(path), options)
+            ? QcowImage.Open(new UnsyncedFileStream(path), new QcowOpenOptions
+            {
+                ReadOnly = options.ReadOnly,
+                CacheMode = options.CacheMode,
+                ForceShare = options.ForceShare,
+                BackingPolicy = options.BackingPolicy,
+                FileName = path,
+            })
             : QcowImage.Open(path, options);
         try
         {
