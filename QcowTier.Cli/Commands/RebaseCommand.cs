@@ -42,6 +42,12 @@ internal sealed class RebaseCommand : Command
         }
         backing ??= "";
         var format = o.Get("F");
+        var path = o.Operands[0];
+        if (!unsafeRebase && backing.Length > 0 && CreateBacking.Combine(path, backing) is var resolved && !File.Exists(resolved))
+        {
+            // As qemu-img: the new backing file is opened before anything else is checked.
+            throw new CliException($"Could not open new backing file '{backing}': Could not open '{resolved}': No such file or directory");
+        }
         if (backing.Length > 0 && format is null)
         {
             throw new CliException($"Could not change the backing file to '{backing}': backing format must be specified");
@@ -50,7 +56,6 @@ internal sealed class RebaseCommand : Command
         {
             throw new CliException($"Unknown driver '{format}' (qcowtier handles qcow2 and raw backing files)");
         }
-        var path = o.Operands[0];
         if (o.Get("f") is { } f && f != "qcow2")
         {
             throw new CliException($"Could not open '{path}': rebase needs a qcow2 image (got '{f}')");
