@@ -256,7 +256,7 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
 
     /// <summary>Grows the virtual disk. Shrinking is not supported yet.</summary>
     /// <param name="newSize">The new size in bytes.</param>
-    public void Resize(long newSize) => _core.Resize(newSize);
+    public void Resize(long newSize) => _core.ResizeOverBacking(newSize);
 
     /// <summary>Checks the image's metadata as qemu-img check does, optionally repairing it.</summary>
     /// <param name="repair">What to repair; anything but <see cref="QcowRepairMode.None"/> needs a writable image.</param>

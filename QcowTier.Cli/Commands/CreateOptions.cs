@@ -203,6 +203,10 @@ internal sealed class CreateOptions
             case var other:
                 throw new CliException($"Parameter 'compression-type' does not accept value '{other}'");
         }
+        if (backingFile is not null && prealloc != QcowPreallocation.Off)
+        {
+            throw new CliException("Backing file and preallocation can only be used at the same time if extended_l2 is on");
+        }
         if (Flag("extended_l2"))
         {
             throw new CliException("extended L2 entries (extended_l2=on) are not supported yet");

@@ -199,4 +199,36 @@ public sealed class BackingCliTests
             ours.StdErr.Trim().Should().Be(AsOurs(theirs.StdErr).Split('\n')[0].Trim());
         }
     }
+
+    [Fact]
+    public void Growing_over_a_longer_backing_file_zeroes_the_new_area_as_qemu_img()
+    {
+        using var dir = new TempDir();
+        var b = dir.File("big.raw");
+        Qemu.Img("create", "-q", "-f", "raw", b, "2M").EnsureSuccess();
+        QemuIo(b, "raw", "write -P 7 0 2M");
+        foreach (var name in new[] { "ours.qcow2", "theirs.qcow2" })
+        {
+            Qemu.Img("create", "-q", "-f", "qcow2", "-b", "big.raw", "-F", "raw", dir.File(name), "1000k").EnsureSuccess();
+        }
+        Run("resize", dir.File("ours.qcow2"), "3M").ExitCode.Should().Be(0);
+        Qemu.Img("resize", dir.File("theirs.qcow2"), "3M").EnsureSuccess();
+        Qemu.AssertClean(dir.File("ours.qcow2"));
+        Qemu.AssertSameContent(dir.File("ours.qcow2"), dir.File("theirs.qcow2"));
+        Qemu.Img("map", "--output=json", dir.File("ours.qcow2")).StdOut.Should().Be(Qemu.Img("map", "--output=json", dir.File("theirs.qcow2")).StdOut);
+    }
+
+    [Fact]
+    public void Preallocation_with_a_backing_file_is_refused_as_by_qemu_img()
+    {
+        using var dir = new TempDir();
+        Qemu.Img("create", "-q", "-f", "raw", dir.File("b.raw"), "1M").EnsureSuccess();
+        string[] args = ["create", "-f", "qcow2", "-o", "preallocation=metadata", "-b", "b.raw", "-F", "raw", dir.File("o.qcow2")];
+        var theirs = Qemu.Img(args);
+        var ours = Run(args);
+        theirs.ExitCode.Should().Be(1);
+        ours.ExitCode.Should().Be(1);
+        ours.StdErr.Should().Be(AsOurs(theirs.StdErr));
+        ours.StdOut.Should().Be(theirs.StdOut);
+    }
 }

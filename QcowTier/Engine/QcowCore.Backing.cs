@@ -341,36 +341,51 @@ internal sealed partial class QcowCore
         Flush();
         var path = _backing.Path;
         var raw = _backing.Format == "raw";
+        var forceShare = _backingContext?.ForceShare == true;
         var runs = Map(0, Size).Where(r => r.Kind != ClusterKind.Unallocated).ToList();
         var buffer = new byte[Math.Max(_clusterSize, 1 << 20)];
-        // Our read-only open of the file keeps its shared lock (other writers stay away); this writer takes none.
-        if (raw)
-        {
-            using var target = FileStorage.Open(path, writable: true);
-            var rounded = (target.Length + QcowHeader.SectorSize - 1) & ~(long)(QcowHeader.SectorSize - 1);
-            if (rounded < Size)
-            {
-                target.SetLength(Size);
-            }
-            CopyRuns(runs, buffer, (o, d) => target.Write(o, d), (o, n) => WriteZeroesTo(target, o, n));
-            target.Flush();
-        }
-        else
-        {
-            using var target = QcowImage.Open(path, new QcowOpenOptions { ForceShare = true, BackingPolicy = QcowBackingPolicy.Follow });
-            if (target.Size < Size)
-            {
-                target.Resize(Size);
-            }
-            CopyRuns(runs, buffer, (o, d) => target.Write(o, d), (o, n) => target.WriteZeroes(o, n));
-            target.Flush();
-        }
-        // The backing file changed under our read-only view of it (its L2 cache is stale): open it afresh.
+        // Our read-only view of the backing file goes first: its shared lock would keep our own writer out
+        // (as QEMU's image locks keep out a VM that uses the file). The runs copied are this image's own
+        // clusters, which never read through it.
         lock (_lock)
         {
-            var fresh = OpenNewBacking(BackingName, BackingFormatName);
             DisposeBacking();
-            _backing = fresh;
+        }
+        try
+        {
+            if (raw)
+            {
+                using var target = FileStorage.Open(path, writable: true);
+                if (!forceShare)
+                {
+                    target.Lock(writable: true);
+                }
+                var rounded = (target.Length + QcowHeader.SectorSize - 1) & ~(long)(QcowHeader.SectorSize - 1);
+                if (rounded < Size)
+                {
+                    target.SetLength(Size);
+                }
+                CopyRuns(runs, buffer, (o, d) => target.Write(o, d), (o, n) => WriteZeroesTo(target, o, n));
+                target.Flush();
+            }
+            else
+            {
+                using var target = QcowImage.Open(path, new QcowOpenOptions { ForceShare = forceShare, BackingPolicy = QcowBackingPolicy.Follow });
+                if (target.Size < Size)
+                {
+                    target.Resize(Size);
+                }
+                CopyRuns(runs, buffer, (o, d) => target.Write(o, d), (o, n) => target.WriteZeroes(o, n));
+                target.Flush();
+            }
+        }
+        finally
+        {
+            // Open afresh: the old view's caches would be stale.
+            lock (_lock)
+            {
+                _backing = OpenNewBacking(BackingName, BackingFormatName);
+            }
         }
         if (!keepTop)
         {
@@ -429,5 +444,19 @@ internal sealed partial class QcowCore
             }
         });
         Flush();
+    }
+
+    /// <summary>
+    /// Growing an image whose backing file is longer than the old size: the new area would show the backing
+    /// file's bytes, so it is zeroed (zero clusters on version 3, written zeroes on version 2), as QEMU's truncate does.
+    /// </summary>
+    public void ResizeOverBacking(long newSize)
+    {
+        var old = Size;
+        Resize(newSize);
+        if (newSize > old && _backing is { } b && b.Size > old)
+        {
+            WriteZeroes(old, newSize - old, mayUnmap: false);
+        }
     }
 }

@@ -25,6 +25,11 @@ internal static class BackingNames
             return;
         }
         ValidateName(o.BackingFile, o.BackingFormat);
+        if (o.Preallocation != QcowPreallocation.Off)
+        {
+            // Preallocated clusters read as zeroes and would hide the backing file (QEMU's wording).
+            throw new ArgumentException("Backing file and preallocation can only be used at the same time if extended_l2 is on", nameof(o));
+        }
         if (o.Tier is not null)
         {
             throw new ArgumentException("Tiered images with a backing file are not supported (tier data lives in whole images only)", nameof(o));
