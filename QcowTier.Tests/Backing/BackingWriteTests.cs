@@ -98,4 +98,48 @@ public sealed class BackingWriteTests
         ShouldEqual(OurContent(ours), expected);
         ShouldEqual(QemuContent(dir, ours), expected);
     }
+
+    [Fact]
+    public async Task ConcurrentPartialWritesIntoTheSameClustersKeepEveryByte()
+    {
+        using var dir = new TempDir();
+        var b = dir.File("base.raw");
+        var expected = new byte[1 << 20];
+        new Random(5).NextBytes(expected);
+        File.WriteAllBytes(b, expected);
+        var top = dir.File("top.qcow2");
+        using (var image = QcowImage.Create(top, 1 << 20, new QcowCreateOptions { ClusterSize = 65536, BackingFile = "base.raw", BackingFormat = "raw" }))
+        {
+            // 16 writers, each owning every 16th 512-byte sector (but every 5th sector stays the backing file's): all race to allocate the same clusters.
+            await Task.WhenAll(Enumerable.Range(0, 16).Select(w => Task.Run(async () =>
+            {
+                for (var sector = w; sector < 2048; sector += 16)
+                {
+                    if (sector % 5 == 0)
+                    {
+                        continue; // left to the backing file: copy-on-write must keep these
+                    }
+                    var data = Fill(512, (byte)(w + 1));
+                    if (sector % 3 == 0)
+                    {
+                        await image.WriteAsync(sector * 512L, data);
+                    }
+                    else
+                    {
+                        image.Write(sector * 512L, data);
+                    }
+                }
+            })));
+            for (var sector = 0; sector < 2048; sector++)
+            {
+                if (sector % 5 != 0)
+                {
+                    expected.AsSpan(sector * 512, 512).Fill((byte)(sector % 16 + 1));
+                }
+            }
+        }
+        Qemu.AssertClean(top);
+        ShouldEqual(OurContent(top), expected);
+        ShouldEqual(QemuContent(dir, top), expected);
+    }
 }
