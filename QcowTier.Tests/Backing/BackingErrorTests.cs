@@ -162,4 +162,25 @@ public sealed class BackingErrorTests
         using var image = QcowImage.Create(dir.File("o.qcow2"), 1 << 20, new QcowCreateOptions { BackingFile = "base.raw", BackingFormat = "raw" });
         image.Invoking(i => i.AttachTier(new QcowTierOptions { DataFile = "o.hdd" })).Should().Throw<QcowUnsupportedFeatureException>();
     }
+
+    [Fact]
+    public void ATieredImageCanBeTheBackingFileOfAPlainOverlay()
+    {
+        using var dir = new TempDir();
+        var tiered = dir.File("tiered.qcow2");
+        var data = Enumerable.Range(0, 200_000).Select(i => (byte)(i % 253)).ToArray();
+        using (var t = QcowImage.Create(tiered, 1 << 20, new QcowCreateOptions { Tier = new QcowTierOptions { DataFile = "tiered.hdd", DefaultTier = StorageTier.Hdd } }))
+        {
+            t.Write(0, data);
+        }
+        var overlay = dir.File("overlay.qcow2");
+        using (var o = QcowImage.Create(overlay, 1 << 20, new QcowCreateOptions { BackingFile = "tiered.qcow2", BackingFormat = "qcow2" }))
+        {
+            o.Write(100, new byte[] { 1, 2, 3 });
+        }
+        var expected = new byte[1 << 20];
+        data.CopyTo(expected, 0);
+        new byte[] { 1, 2, 3 }.CopyTo(expected, 100);
+        ShouldEqual(OurContent(overlay), expected);
+    }
 }
