@@ -312,6 +312,9 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
             ExtendedL2 = (h.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0,
             CompressionType = h.CompressionType == 1 ? "zstd" : "zlib",
             SnapshotCount = (int)h.NbSnapshots,
+            BackingFile = BackingFile,
+            FullBackingFileName = FullBackingFileName,
+            BackingFormat = BackingFormat,
         };
     }
 

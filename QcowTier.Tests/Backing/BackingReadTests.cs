@@ -88,6 +88,9 @@ public sealed class BackingReadTests
         using var image = QcowImage.Open(top, new QcowOpenOptions { ReadOnly = true });
         image.BackingFile.Should().Be(dir.File("mid.qcow2"));
         image.BackingFormat.Should().Be("qcow2");
+        image.GetInfo().BackingFile.Should().Be(dir.File("mid.qcow2"));
+        image.GetInfo().FullBackingFileName.Should().Be(dir.File("mid.qcow2"));
+        image.GetInfo().BackingFormat.Should().Be("qcow2");
         var chain = image.GetBackingChain();
         chain.Should().HaveCount(2);
         chain[1].FileName.Should().Be(dir.File("base.raw"));
