@@ -65,7 +65,7 @@ internal static class QcowCreator
             // QEMU writes the backing format extension first.
             header.Extensions.Add(new HeaderExtension(HeaderExtension.BackingFormat, System.Text.Encoding.UTF8.GetBytes(o.BackingFormat), 0));
         }
-        if (o.Compat == QcowCompat.V3)
+        if (o.Compat == QcowCompat.V3 && BackingNames.FitsWithFeatureTable(header, cs, o.BackingFile))
         {
             header.Extensions.Add(new HeaderExtension(HeaderExtension.FeatureNameTable, HeaderExtension.QemuFeatureNameTable(), 0));
         }

@@ -52,6 +52,21 @@ internal static class BackingNames
         }
     }
 
+    /// <summary>
+    /// Whether QEMU's feature name table still fits in cluster 0 beside the backing format extension and the
+    /// name; QEMU leaves the (optional) table out when it does not (512-byte clusters), and so do we.
+    /// </summary>
+    public static bool FitsWithFeatureTable(QcowHeader h, int clusterSize, string? name)
+    {
+        if (name is null)
+        {
+            return true;
+        }
+        var table = HeaderExtension.QemuFeatureNameTable().Length;
+        var used = QcowHeader.V3Length + h.Extensions.Sum(e => 8 + ((e.Data.Length + 7) & ~7)) + 8 + table + 8 + Encoding.UTF8.GetByteCount(name);
+        return used <= clusterSize;
+    }
+
     /// <summary>Writes the name after the end marker of a freshly serialized cluster 0, and the header fields pointing at it.</summary>
     public static void WriteName(QcowHeader h, Span<byte> cluster0, string? name)
     {
