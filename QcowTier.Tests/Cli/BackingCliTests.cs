@@ -252,4 +252,19 @@ public sealed class BackingCliTests
         ours.AsSpan(0, cluster).SequenceEqual(theirs.AsSpan(0, cluster)).Should().BeTrue("the header cluster (extensions, backing file name) matches qemu-img's");
         Qemu.AssertClean(dir.File("ours.qcow2"));
     }
+
+    [Fact]
+    public void Unsafe_rebase_repairs_a_missing_backing_file_as_qemu_img()
+    {
+        using var dir = new TempDir();
+        foreach (var name in new[] { "ours.qcow2", "theirs.qcow2" })
+        {
+            Qemu.Img("create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", dir.File(name), "1M").EnsureSuccess();
+        }
+        var check = Run("check", dir.File("ours.qcow2"));
+        check.StdErr.Should().Be(AsOurs(Qemu.Img("check", dir.File("ours.qcow2")).StdErr));
+        Run("rebase", "-u", "-b", "x.raw", "-F", "raw", dir.File("ours.qcow2")).ExitCode.Should().Be(0);
+        Qemu.Img("rebase", "-u", "-b", "x.raw", "-F", "raw", dir.File("theirs.qcow2")).EnsureSuccess();
+        File.ReadAllBytes(dir.File("ours.qcow2")).AsSpan(0, 512).SequenceEqual(File.ReadAllBytes(dir.File("theirs.qcow2")).AsSpan(0, 512)).Should().BeTrue();
+    }
 }
