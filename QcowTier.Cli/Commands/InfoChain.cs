@@ -36,45 +36,54 @@ internal static class InfoChain
         }
     }
 
-    /// <summary>Every image of the chain, top first (human: separated by a blank line; json: a list).</summary>
+    /// <summary>
+    /// Every image of the chain, top first (human: separated by a blank line; json: a list). As qemu-img, the
+    /// whole chain is opened before anything is printed, so a missing backing file prints nothing but the error.
+    /// </summary>
     public static int Run(string path, string? format, bool json, CliContext ctx, Func<Disk, QDict> describe, Action<Disk, QDict, TextWriter> printHuman)
     {
         var seen = new HashSet<string>(StringComparer.Ordinal);
-        var infos = new List<QDict>();
-        string? next = path;
-        var depth = 0;
-        while (next is not null)
+        var layers = new List<(Disk Disk, QDict Info)>();
+        try
         {
-            if (!seen.Add(next))
+            string? next = path;
+            while (next is not null)
             {
-                throw new CliException($"Backing file '{next}' creates an infinite loop.");
+                if (!seen.Add(next))
+                {
+                    throw new CliException($"Backing file '{next}' creates an infinite loop.");
+                }
+                if (layers.Count > QcowImage.MaxBackingDepth)
+                {
+                    throw new CliException($"The backing chain of '{path}' is deeper than {QcowImage.MaxBackingDepth} images");
+                }
+                var disk = DiskOpener.Open(next, format, writable: false, noBacking: true);
+                layers.Add((disk, describe(disk)));
+                var image = (disk as QcowDisk)?.Image;
+                next = image?.FullBackingFileName;
+                format = image?.BackingFormat;
             }
-            if (++depth > QcowImage.MaxBackingDepth + 1)
-            {
-                throw new CliException($"The backing chain of '{path}' is deeper than {QcowImage.MaxBackingDepth} images");
-            }
-            using var disk = DiskOpener.Open(next, format, writable: false, noBacking: true);
-            var info = describe(disk);
             if (json)
             {
-                infos.Add(info);
+                ctx.Out.WriteLine(QDict.ToPrettyJson(layers.Select(l => l.Info).ToList()));
+                return 0;
             }
-            else
+            for (var i = 0; i < layers.Count; i++)
             {
-                if (infos.Count > 0 || depth > 1)
+                if (i > 0)
                 {
                     ctx.Out.WriteLine();
                 }
-                printHuman(disk, info, ctx.Out);
+                printHuman(layers[i].Disk, layers[i].Info, ctx.Out);
             }
-            var image = (disk as QcowDisk)?.Image;
-            next = image?.FullBackingFileName;
-            format = image?.BackingFormat;
+            return 0;
         }
-        if (json)
+        finally
         {
-            ctx.Out.WriteLine(QDict.ToPrettyJson(infos));
+            foreach (var (disk, _) in layers)
+            {
+                disk.Dispose();
+            }
         }
-        return 0;
     }
 }

@@ -57,6 +57,10 @@ public sealed class BackingCliTests
         SameAsQemu(["info", top]);
         SameAsQemu(["info", "--output=json", top]);
         Run("map", top).ShouldBeOneLineError($"Could not open '{top}': Could not open backing file: Could not open '{dir.File("gone.qcow2")}': No such file or directory");
+        var chain = Run("info", "--backing-chain", top);
+        chain.ExitCode.Should().Be(Qemu.Img("info", "--backing-chain", top).ExitCode);
+        chain.StdOut.Should().BeEmpty("as qemu-img, the whole chain is opened before anything is printed");
+        chain.ShouldBeOneLineError("gone.qcow2");
     }
 
     [Fact]
