@@ -78,6 +78,7 @@ internal sealed partial class QcowCore
     {
         if (_backing is null)
         {
+            ThrowIfBackingLost();
             if (HasBacking && forCopy)
             {
                 // Writing would bake zeroes over what the backing file holds.
@@ -93,6 +94,7 @@ internal sealed partial class QcowCore
     {
         if (_backing is null)
         {
+            ThrowIfBackingLost();
             buffer.Span.Clear();
             return ValueTask.CompletedTask;
         }
@@ -123,6 +125,17 @@ internal sealed partial class QcowCore
             file.Write(plan.Host + tailStart, tail);
         }
         file.Write(plan.Host + plan.Head, data);
+    }
+
+    /// <summary>Set when a commit could not reopen the backing file: reads must not pretend it holds zeroes.</summary>
+    private bool _backingLost;
+
+    private void ThrowIfBackingLost()
+    {
+        if (_backingLost)
+        {
+            throw new QcowException($"{Name ?? "image"}: the backing file {BackingName} could not be reopened after a commit; reopen the image");
+        }
     }
 
     private void DisposeBacking()
@@ -384,7 +397,9 @@ internal sealed partial class QcowCore
             // Open afresh: the old view's caches would be stale.
             lock (_lock)
             {
+                _backingLost = true;
                 _backing = OpenNewBacking(BackingName, BackingFormatName);
+                _backingLost = false;
             }
         }
         if (!keepTop)
