@@ -363,6 +363,7 @@ internal sealed partial class QcowCore
         lock (_lock)
         {
             DisposeBacking();
+            _backingLost = true; // until reopened: a read through it must fail, not see zeroes
         }
         try
         {
@@ -397,7 +398,6 @@ internal sealed partial class QcowCore
             // Open afresh: the old view's caches would be stale.
             lock (_lock)
             {
-                _backingLost = true;
                 _backing = OpenNewBacking(BackingName, BackingFormatName);
                 _backingLost = false;
             }
