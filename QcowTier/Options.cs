@@ -93,6 +93,12 @@ public sealed class QcowOpenOptions
     /// <summary>Show the disk as an internal snapshot (its id, or else its name) holds it; needs <see cref="ReadOnly"/>.</summary>
     public string? Snapshot { get; init; }
 
+    /// <summary>
+    /// For stream and handle opens: the image's path, used in messages and to resolve a relative backing file
+    /// name (against its folder). Path opens use the path given.
+    /// </summary>
+    public string? FileName { get; init; }
+
     /// <summary>Which backing files the image may make us open; <see cref="QcowBackingPolicy.Follow"/> (QEMU's behaviour) by default.</summary>
     public QcowBackingPolicy BackingPolicy { get; init; }
 
@@ -147,6 +153,12 @@ public sealed class QcowCreateOptions
 
     /// <summary>The backing file's format, "qcow2" or "raw" (-F), stored in the image; null to detect it from the file's magic.</summary>
     public string? BackingFormat { get; init; }
+
+    /// <summary>
+    /// How the backing file is opened by the creation and by the returned image: <see cref="QcowBackingPolicy.Ignore"/>
+    /// creates without opening or checking it (qemu-img create -u); the returned image then refuses copy-on-write.
+    /// </summary>
+    public QcowBackingPolicy BackingPolicy { get; init; }
 
     /// <summary>
     /// QEMU's external data file (data_file; version 3, not with <see cref="Tier"/>): guest data goes to this

@@ -43,7 +43,8 @@ public sealed partial class QcowImage
     /// The allocation of a guest range through the whole backing chain (qemu-img map): runs this image does not
     /// allocate are resolved in its backing file, and so on down; <see cref="QcowExtent.Depth"/> says which layer
     /// a run comes from and <see cref="QcowExtent.HostOffset"/> is an offset in that layer's file.
-    /// <see cref="QcowExtentKind.Unallocated"/> runs are allocated nowhere and read as zeroes.
+    /// <see cref="QcowExtentKind.Unallocated"/> runs are allocated nowhere and read as zeroes. A raw backing file is
+    /// reported as data throughout, at host offset = guest offset (qcowtier map asks the file system for its holes).
     /// </summary>
     /// <param name="offset">Guest byte offset.</param>
     /// <param name="length">Bytes; -1 for the rest of the disk.</param>
@@ -79,4 +80,24 @@ public sealed partial class QcowImage
         }
         return result;
     }
+
+    /// <summary>
+    /// Changes the backing file (qemu-img rebase). A safe rebase first copies into this image every cluster it
+    /// does not allocate whose content would change, so the guest sees the same disk; an unsafe one
+    /// (<paramref name="unsafeRebase"/>, -u) only rewrites the name, for when the new file has the same content.
+    /// </summary>
+    /// <param name="backingFile">The new backing file name as it is to be stored (relative to this image's folder); null or empty to remove the backing file (a safe rebase then flattens the chain into this image).</param>
+    /// <param name="backingFormat">"qcow2" or "raw", stored in the header; null to store none (readers probe).</param>
+    /// <param name="unsafeRebase">Change only the header.</param>
+    /// <remarks>No other writes to this image may run meanwhile. With <see cref="QcowBackingPolicy.Ignore"/> only an unsafe rebase is possible, and the new file is not opened.</remarks>
+    public void Rebase(string? backingFile, string? backingFormat = null, bool unsafeRebase = false)
+        => _core.Rebase(backingFile, backingFormat, unsafeRebase);
+
+    /// <summary>
+    /// Writes what this image allocates into its backing file (qemu-img commit), growing the backing file when it
+    /// is smaller, then empties this image so it reads everything from the backing file again.
+    /// No other writes to this image may run meanwhile.
+    /// </summary>
+    /// <param name="keepTop">Leave this image's clusters in place (qemu-img commit -d).</param>
+    public void Commit(bool keepTop = false) => _core.Commit(keepTop);
 }

@@ -59,7 +59,7 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
     {
         ArgumentNullException.ThrowIfNull(handle);
         options ??= new QcowOpenOptions();
-        return OpenStorage(new FileStorage(handle, null, !options.ReadOnly, !options.LeaveOpen), options);
+        return OpenStorage(new FileStorage(handle, options.FileName, !options.ReadOnly, !options.LeaveOpen), options);
     }
 
     /// <summary>Opens an image held in a seekable stream. Requests are serialized on the stream.</summary>
@@ -70,7 +70,7 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
     {
         ArgumentNullException.ThrowIfNull(stream);
         options ??= new QcowOpenOptions();
-        return OpenStorage(new StreamStorage(stream, (stream as FileStream)?.Name, options.LeaveOpen), options);
+        return OpenStorage(new StreamStorage(stream, options.FileName ?? (stream as FileStream)?.Name, options.LeaveOpen), options);
     }
 
     /// <summary>Opens an image on any storage (tests use a fault-injecting one); the storage is disposed with the image.</summary>
@@ -303,7 +303,7 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
     /// clusters and gives the file's free tail back, as qemu-img resize --shrink does.
     /// </summary>
     /// <param name="newSize">The new size in bytes.</param>
-    public void Resize(long newSize) => _core.Resize(newSize);
+    public void Resize(long newSize) => _core.ResizeOverBacking(newSize);
 
     /// <summary>Grows the virtual disk, preallocating the new part as qemu-img resize --preallocation does.</summary>
     /// <param name="newSize">The new size in bytes; with a preallocation other than off, at least the current size.</param>
@@ -376,6 +376,9 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
             SnapshotCount = (int)h.NbSnapshots,
             DataFile = _core.ExternalDataName,
             DataFileRaw = _core.ExternalDataRaw,
+            BackingFile = BackingFile,
+            FullBackingFileName = FullBackingFileName,
+            BackingFormat = BackingFormat,
         };
     }
 

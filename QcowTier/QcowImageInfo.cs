@@ -47,6 +47,15 @@ public sealed class QcowImageInfo
 
     /// <summary>Whether the external data file is kept a valid raw image (data-file-raw).</summary>
     public bool DataFileRaw { get; init; }
+
+    /// <summary>The backing file name as stored (backing-filename), or null.</summary>
+    public string? BackingFile { get; init; }
+
+    /// <summary>The path the backing file is opened by (full-backing-filename), or null.</summary>
+    public string? FullBackingFileName { get; init; }
+
+    /// <summary>The recorded backing file format (backing-filename-format), or null.</summary>
+    public string? BackingFormat { get; init; }
 }
 
 /// <summary>What a run of guest bytes is backed by (qemu-img map).</summary>

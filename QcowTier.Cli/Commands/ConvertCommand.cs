@@ -26,6 +26,9 @@ internal sealed class ConvertCommand : Command
                            (default 4k; 0 writes everything, fully allocating the output)
           -t cache         cache mode of the output (default unsafe, as qemu-img: not flushed to disk)
           -T cache         cache mode of the source
+          -B file          make the output a qcow2 overlay of this backing file (-F its format), copying
+                           only what the source's top image allocates: the backing file must hold what
+                           the source's backing chain holds
           -n               write into an existing output instead of creating it
           --target-is-zero with -n: the existing output already reads as zeroes
           -m num           parallelism, as qemu-img's coroutines (1 to 16, default 8)
@@ -37,7 +40,7 @@ internal sealed class ConvertCommand : Command
 
     public override int Run(IReadOnlyList<string> args, CliContext ctx)
     {
-        var o = new OptionParser("f:O:B:Cco:l:S:pt:T:qnm:WUr:", ("object", true), ("image-opts", false), ("target-image-opts", false),
+        var o = new OptionParser("f:O:B:F:Cco:l:S:pt:T:qnm:WUr:", ("object", true), ("image-opts", false), ("target-image-opts", false),
             ("salvage", false), ("target-is-zero", false), ("bitmaps", false), ("skip-broken-bitmaps", false), ("force-share", false)).Parse(args);
         if (o.WantsHelp)
         {
@@ -55,9 +58,10 @@ internal sealed class ConvertCommand : Command
         {
             throw new CliException("Compressed output (-c) is not supported yet");
         }
-        if (o.Has("B"))
+        var outBacking = o.Get("B");
+        if (outBacking is not null && o.Has("n"))
         {
-            throw new CliException("Backing files (-B) are not supported yet");
+            throw new CliException("-B cannot be used with -n");
         }
         if (o.Has("l"))
         {
@@ -107,6 +111,19 @@ internal sealed class ConvertCommand : Command
             {
                 throw new CliException("Invalid parameter 'size'");
             }
+            if (outBacking is not null)
+            {
+                if (outFormat != "qcow2")
+                {
+                    throw new CliException($"Backing file not supported for file format '{outFormat}'");
+                }
+                options.SetText("backing_file", outBacking);
+                if (o.Get("F") is { } bf)
+                {
+                    options.SetText("backing_fmt", bf);
+                }
+                CreateBacking.SizeFrom(dstPath, outFormat, options, unsafeBacking: false);
+            }
             try
             {
                 if (outFormat == "qcow2")
@@ -130,8 +147,16 @@ internal sealed class ConvertCommand : Command
         }
         var progress = new Progress(ctx, o.Has("p") && !o.Has("q"));
         // -m counts qemu-img's coroutines; here a reader thread stands for four of them (two by default).
-        var copier = new ImageCopier(source, target, sparse, Math.Clamp(depth / 4, 1, 4), ChunkSize, targetKnownZero: !skipCreate || targetIsZero, progress);
-        copier.Run();
+        if (outBacking is not null)
+        {
+            // -B: the output's backing file holds what the source's backing chain holds; copy the top layer only.
+            ConvertBacking.CopyTopLayer(source, target, ChunkSize, progress);
+        }
+        else
+        {
+            var copier = new ImageCopier(source, target, sparse, Math.Clamp(depth / 4, 1, 4), ChunkSize, targetKnownZero: !skipCreate || targetIsZero, progress);
+            copier.Run();
+        }
         target.Flush();
         progress.Finish();
         return 0;

@@ -8,7 +8,7 @@ internal sealed class CreateCommand : Command
 {
     public override string Name => "create";
 
-    public override string Synopsis => "create [-q] [-f fmt] [-o options] filename [size]";
+    public override string Synopsis => "create [-q] [-f fmt] [-b backing_file -F backing_fmt] [-u] [-o options] filename [size]";
 
     public override string Help => """
         Creates an image (replacing any existing file) and prints qemu-img's "Formatting" line.
@@ -18,6 +18,10 @@ internal sealed class CreateCommand : Command
                        preallocation=off|metadata|falloc|full, data_file=NAME (QEMU external
                        data file, relative to the image's folder), data_file_raw=on|off.
                        raw: preallocation=off|falloc|full
+          -b file      backing file (qcow2): stored as given, a relative name is relative to the new
+                       image's folder; the size defaults to the backing file's
+          -F fmt       format of the backing file, qcow2 or raw (required with -b)
+          -u           do not open the backing file (it may not exist yet; a size is then required)
           -q           quiet: print nothing on success
           size         bytes, or with a suffix k, M, G, T, P, E (also b, K); rounded up to 512
 
@@ -56,14 +60,27 @@ internal sealed class CreateCommand : Command
             throw new CliException($"Unexpected argument: {o.Operands[2]}");
         }
         long? size = o.Operands.Count > 1 ? SizeParser.Parse("image size", o.Operands[1]) : null;
-        if (o.Has("b") || o.Has("F"))
-        {
-            throw new CliException($"{path}: backing files are not supported yet");
-        }
         CreateOptions options;
         try
         {
             options = CreateOptions.Parse(format, optionArgs);
+            // As qemu-img: -b and -F override the -o values.
+            if (format != "qcow2" && (o.Has("b") || o.Has("F")))
+            {
+                throw new CliException($"Backing file not supported for file format '{format}'");
+            }
+            if (o.Get("b") is { } b)
+            {
+                options.SetText("backing_file", b);
+            }
+            if (o.Get("F") is { } f)
+            {
+                options.SetText("backing_fmt", f);
+            }
+            if (CreateBacking.SizeFrom(path, format, options, o.Has("u")) is { } backingSize && size is null && options.Number("size") is null)
+            {
+                size = backingSize;
+            }
             if (size is { } s)
             {
                 if (options.IsSet("size"))
@@ -95,7 +112,7 @@ internal sealed class CreateCommand : Command
             }
             if (format == "qcow2")
             {
-                ImageFactory.CreateQcow(path, (long)virtualSize, options.ToQcow((long)virtualSize));
+                ImageFactory.CreateQcow(path, (long)virtualSize, options.ToQcow((long)virtualSize, unsafeBacking: o.Has("u")));
             }
             else
             {

@@ -139,6 +139,9 @@ internal sealed class CreateOptions
 
     public bool IsSet(string key) => _values.ContainsKey(key);
 
+    /// <summary>Sets a text option as if given with -o (qemu-img's -b and -F).</summary>
+    public void SetText(string key, string value) => Set(key, value);
+
     public string? Text(string key) => _values.TryGetValue(key, out var v) ? v.Text : _specs.First(s => s.Name == key).Default;
 
     public ulong? Number(string key)
@@ -171,12 +174,9 @@ internal sealed class CreateOptions
     }
 
     /// <summary>The library's options, after QEMU's checks (made once the Formatting line is out).</summary>
-    public QcowCreateOptions ToQcow(long size)
+    public QcowCreateOptions ToQcow(long size, bool unsafeBacking = false)
     {
-        if (IsSet("backing_file") || IsSet("backing_fmt"))
-        {
-            throw new CliException("backing files are not supported yet");
-        }
+        var (backingFile, backingFormat) = CreateBacking.Check(this);
         if (Flag("encryption") || IsSet("encrypt.format"))
         {
             throw new CliException("encrypted images are not supported");
@@ -203,6 +203,10 @@ internal sealed class CreateOptions
                 throw new CliException("compression_type=zstd is not supported yet");
             case var other:
                 throw new CliException($"Parameter 'compression-type' does not accept value '{other}'");
+        }
+        if (backingFile is not null && prealloc != QcowPreallocation.Off)
+        {
+            throw new CliException("Backing file and preallocation can only be used at the same time if extended_l2 is on");
         }
         if (Flag("extended_l2"))
         {
@@ -249,6 +253,10 @@ internal sealed class CreateOptions
             {
                 throw new CliException("A tiered image cannot also use a QEMU external data file (data_file)");
             }
+            if (backingFile is not null)
+            {
+                throw new CliException("Tiered images with a backing file are not supported");
+            }
             if (compat == QcowCompat.V2)
             {
                 throw new CliException("Tiered images need compatibility level 1.1 (compat=1.1)");
@@ -279,6 +287,9 @@ internal sealed class CreateOptions
             Tier = tier,
             DataFile = dataFile,
             DataFileRaw = Flag("data_file_raw"),
+            BackingFile = backingFile,
+            BackingFormat = backingFormat,
+            BackingPolicy = unsafeBacking ? QcowBackingPolicy.Ignore : QcowBackingPolicy.Follow,
         };
     }
 

@@ -8,12 +8,13 @@ internal sealed class InfoCommand : Command
 {
     public override string Name => "info";
 
-    public override string Synopsis => "info [-f fmt] [--output=human|json] [-U] filename";
+    public override string Synopsis => "info [-f fmt] [--output=human|json] [--backing-chain] [-U] filename";
 
     public override string Help => """
         Prints what the image is: format, virtual size, disk usage and, for qcow2, its features.
           -f fmt                  qcow2 or raw (default: detected from the file's magic)
           --output=human|json     qemu-img's text, or its JSON with the same field names
+          --backing-chain         also every image of the backing chain, top first
           -U                      accepted for compatibility (images are opened read-only)
 
         """;
@@ -31,7 +32,12 @@ internal sealed class InfoCommand : Command
             throw new CliException(o.Operands.Count == 0 ? "Expecting one image file name" : $"Unexpected argument: {o.Operands[1]}");
         }
         var path = o.Operands[0];
-        using var disk = DiskOpener.Open(path, o.Get("f"), writable: false);
+        if (o.Has("backing-chain"))
+        {
+            return InfoChain.Run(path, o.Get("f"), json, ctx, Describe, PrintHuman);
+        }
+        // As qemu-img info: the backing file is not opened (it may be missing), only named.
+        using var disk = DiskOpener.Open(path, o.Get("f"), writable: false, noBacking: true);
         var info = Describe(disk);
         if (json)
         {
@@ -54,6 +60,7 @@ internal sealed class InfoCommand : Command
         {
             d.Add("cluster-size", (long)qi.ClusterSize);
         }
+        InfoChain.AddBacking(disk, d);
         d.Add("format", disk.Format);
         if (qi is { SnapshotCount: > 0 })
         {
@@ -152,6 +159,7 @@ internal sealed class InfoCommand : Command
         {
             w.WriteLine("cleanly shut down: no");
         }
+        InfoChain.PrintBacking(members, w);
         if (members.ContainsKey("snapshots"))
         {
             PrintSnapshots(disk.FileName, w);

@@ -88,14 +88,14 @@ internal sealed class MapCommand : Command
             }
             if (e.Data && !e.Zero)
             {
-                w.WriteLine($"{Hex(e.Start),-16}{Hex(e.Length),-16}{Hex(e.Offset ?? 0),-16}{fileName}");
+                w.WriteLine($"{Hex(e.Start),-16}{Hex(e.Length),-16}{Hex(e.Offset ?? 0),-16}{e.File ?? fileName}");
             }
             return;
         }
         sb.Clear();
         sb.Append("{ \"start\": ").Append(e.Start)
             .Append(", \"length\": ").Append(e.Length)
-            .Append(", \"depth\": 0, \"present\": ").Append(e.Present ? "true" : "false")
+            .Append(", \"depth\": ").Append(e.Depth).Append(", \"present\": ").Append(e.Present ? "true" : "false")
             .Append(", \"zero\": ").Append(e.Zero ? "true" : "false")
             .Append(", \"data\": ").Append(e.Data ? "true" : "false");
         if (e.Offset is { } off)

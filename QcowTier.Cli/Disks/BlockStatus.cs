@@ -12,10 +12,16 @@ internal readonly record struct BlockStatus(long Start, long Length, bool Presen
 {
     public long End => Start + Length;
 
-    /// <summary>qemu-img's entry_mergeable: same flags and, when placed, contiguous in the file.</summary>
+    /// <summary>Which image of the backing chain the run comes from (qemu-img map's depth): 0 for the image itself.</summary>
+    public int Depth { get; init; }
+
+    /// <summary>The file <see cref="Offset"/> is in, for runs of a backing file (null: the image itself).</summary>
+    public string? File { get; init; }
+
+    /// <summary>qemu-img's entry_mergeable: same flags, depth and file and, when placed, contiguous in the file.</summary>
     public bool CanMerge(in BlockStatus next)
-        => Length > 0 && Zero == next.Zero && Data == next.Data && Present == next.Present
-           && Offset.HasValue == next.Offset.HasValue && Tier == next.Tier
+        => Length > 0 && Zero == next.Zero && Data == next.Data && Present == next.Present && Depth == next.Depth
+           && Offset.HasValue == next.Offset.HasValue && Tier == next.Tier && File == next.File
            && (!Offset.HasValue || Offset.Value + Length == next.Offset!.Value);
 
     public BlockStatus Extend(long bytes) => this with { Length = Length + bytes };

@@ -14,14 +14,15 @@ internal static class DiskOpener
         set => ForceShareFlag.Value = value;
     }
 
-    public static Disk Open(string path, string? format, bool writable, CacheMode cache = default)
+    /// <param name="noBacking">Do not open a qcow2 image's backing file (qemu-img info's BDRV_O_NO_BACKING).</param>
+    public static Disk Open(string path, string? format, bool writable, CacheMode cache = default, bool noBacking = false)
     {
         var fmt = format ?? Probe(path);
         try
         {
             return fmt switch
             {
-                "qcow2" => OpenQcow(path, writable, cache),
+                "qcow2" => OpenQcow(path, writable, cache, noBacking),
                 "raw" => new RawDisk(path, writable, cache),
                 _ => throw new CliException($"Could not open '{path}': Unknown driver '{fmt}'"),
             };
@@ -36,13 +37,13 @@ internal static class DiskOpener
         }
     }
 
-    private static QcowDisk OpenQcow(string path, bool writable, CacheMode cache)
+    private static QcowDisk OpenQcow(string path, bool writable, CacheMode cache, bool noBacking)
     {
         if (!QcowImage.IsQcow2(path))
         {
             throw new CliException($"Could not open '{path}': Image is not in qcow2 format");
         }
-        return new QcowDisk(path, writable, cache);
+        return new QcowDisk(path, writable, cache, noBacking);
     }
 
     /// <summary>"qcow2" when the file starts with the qcow2 magic, otherwise "raw".</summary>

@@ -4,23 +4,32 @@ using QcowTier.Cli.Infrastructure;
 namespace QcowTier.Cli.Disks;
 
 /// <summary>A qcow2 image through the library, with QEMU's block-status rules layered on its map.</summary>
-internal sealed class QcowDisk : Disk
+internal sealed partial class QcowDisk : Disk
 {
     private readonly SafeFileHandle _probe;
     private bool? _metadataPreallocated;
 
-    public QcowDisk(string path, bool writable, CacheMode cache) : base(path, cache)
+    public QcowDisk(string path, bool writable, CacheMode cache, bool noBacking = false, int depth = 0) : base(path, cache)
     {
+        _depth = depth;
         var options = new QcowOpenOptions
         {
             ReadOnly = !writable,
             CacheMode = cache.Direct ? QcowCacheMode.None : QcowCacheMode.Writeback,
             ForceShare = DiskOpener.ForceShare,
+            BackingPolicy = noBacking ? QcowBackingPolicy.Ignore : QcowBackingPolicy.Follow,
         };
         // cache=unsafe: the library flushes (fsyncs) on its own schedule and when closed; a stream
         // whose flush does not reach the disk is how it is told not to.
         Image = cache.NoFlush && writable && !cache.Direct
-            ? QcowImage.Open(new UnsyncedFileStream(path), options)
+            ? QcowImage.Open(new UnsyncedFileStream(path), new QcowOpenOptions
+            {
+                ReadOnly = options.ReadOnly,
+                CacheMode = options.CacheMode,
+                ForceShare = options.ForceShare,
+                BackingPolicy = options.BackingPolicy,
+                FileName = path,
+            })
             : QcowImage.Open(path, options);
         try
         {
@@ -68,7 +77,9 @@ internal sealed class QcowDisk : Disk
 
     public override void Resize(long newSize) => Image.Resize(newSize);
 
-    public override IEnumerable<BlockStatus> GetStatus(long offset, long length)
+    public override IEnumerable<BlockStatus> GetStatus(long offset, long length) => ChainStatus(offset, length);
+
+    private IEnumerable<BlockStatus> OwnStatus(long offset, long length)
     {
         if (length <= 0)
         {
@@ -170,6 +181,7 @@ internal sealed class QcowDisk : Disk
         {
             try
             {
+                _backingDisk?.Dispose();
                 Image.Dispose();
             }
             finally

@@ -47,6 +47,14 @@ internal sealed class QDict
         return sb.ToString();
     }
 
+    /// <summary>A JSON list of objects, as qemu-img info --backing-chain prints it.</summary>
+    public static string ToPrettyJson(IReadOnlyList<QDict> list)
+    {
+        var sb = new StringBuilder();
+        Write(sb, list.ToList<object>(), 0);
+        return sb.ToString();
+    }
+
     private static void Write(StringBuilder sb, object value, int depth)
     {
         switch (value)

@@ -88,10 +88,28 @@ public sealed class BackingReadTests
         using var image = QcowImage.Open(top, new QcowOpenOptions { ReadOnly = true });
         image.BackingFile.Should().Be(dir.File("mid.qcow2"));
         image.BackingFormat.Should().Be("qcow2");
+        image.GetInfo().BackingFile.Should().Be(dir.File("mid.qcow2"));
+        image.GetInfo().FullBackingFileName.Should().Be(dir.File("mid.qcow2"));
+        image.GetInfo().BackingFormat.Should().Be("qcow2");
         var chain = image.GetBackingChain();
         chain.Should().HaveCount(2);
         chain[1].FileName.Should().Be(dir.File("base.raw"));
         chain[1].Format.Should().Be("raw");
         chain[1].VirtualSize.Should().Be(2 << 20);
+    }
+
+    [Fact]
+    public void ExportToFlattensTheChain()
+    {
+        using var dir = new TempDir();
+        var top = ThreeLayers(dir);
+        var expected = QemuContent(dir, top);
+        using var image = QcowImage.Open(top, new QcowOpenOptions { ReadOnly = true });
+        image.ExportTo(dir.File("flat.raw"), raw: true);
+        image.ExportTo(dir.File("flat.qcow2"));
+        ShouldEqual(File.ReadAllBytes(dir.File("flat.raw")), expected);
+        ShouldEqual(OurContent(dir.File("flat.qcow2")), expected);
+        Qemu.Img("info", dir.File("flat.qcow2")).EnsureSuccess().StdOut.Should().NotContain("backing file");
+        Qemu.AssertClean(dir.File("flat.qcow2"));
     }
 }

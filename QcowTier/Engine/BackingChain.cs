@@ -251,7 +251,9 @@ internal sealed class BackingLayer : IDisposable
                 // QEMU's bs->backing_format is 16 bytes with the terminator.
                 ThrowHelper.Corrupt(file.Name, ext.Offset + 4, "backing format extension", $"ext_backing_format: len={ext.Data.Length} too large (>=16)");
             }
-            format = Encoding.UTF8.GetString(ext.Data);
+            // A C string for QEMU: whatever follows a NUL is not part of it.
+            var end = Array.IndexOf(ext.Data, (byte)0);
+            format = Encoding.UTF8.GetString(end < 0 ? ext.Data : ext.Data.AsSpan(0, end));
         }
         if (h.BackingFileOffset == 0 || h.BackingFileSize == 0)
         {

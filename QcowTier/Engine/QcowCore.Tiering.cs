@@ -328,6 +328,11 @@ internal sealed partial class QcowCore
         {
             throw new QcowUnsupportedFeatureException("an image with a QEMU external data file (data_file) cannot be tiered", Name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features");
         }
+        if (HasBacking)
+        {
+            // Tier data lives in whole images only; docs/FORMAT.md §1.3.
+            throw new QcowUnsupportedFeatureException("tiered images with a backing file are not supported (flatten the image first)", Name, QcowHeader.OffsetBackingFileOffset, "backing_file_offset");
+        }
         lock (_lock)
         {
             if (_tier is not null)

@@ -109,7 +109,8 @@ internal static class QcowCreator
         }
         // An image with an external data file gets QEMU 7.2's header exactly: the feature name table only
         // with clusters of 8 KiB and more (QEMU leaves it out of smaller ones), after the data file name.
-        if (o.Compat == QcowCompat.V3 && (o.DataFile is null || cs >= QemuFeatureTableMinCluster))
+        if (o.Compat == QcowCompat.V3 && (o.DataFile is null || cs >= QemuFeatureTableMinCluster)
+            && BackingNames.FitsWithFeatureTable(header, cs, o.BackingFile))
         {
             header.Extensions.Add(new HeaderExtension(HeaderExtension.FeatureNameTable, HeaderExtension.QemuFeatureNameTable(), 0));
         }
@@ -133,6 +134,7 @@ internal static class QcowCreator
         file.SetLength(0);
         file.Write(0, image);
         file.Flush();
+        backing ??= new BackingContext { Policy = o.BackingPolicy };
         var core = QcowCore.Open(file, readOnly: false, dataFileFactory: dataFileFactory, backing: backing, externalDataFile: dataPath);
         try
         {

@@ -25,6 +25,11 @@ internal static class BackingNames
             return;
         }
         ValidateName(o.BackingFile, o.BackingFormat);
+        if (o.Preallocation != QcowPreallocation.Off)
+        {
+            // Preallocated clusters read as zeroes and would hide the backing file (QEMU's wording).
+            throw new ArgumentException("Backing file and preallocation can only be used at the same time if extended_l2 is on", nameof(o));
+        }
         if (o.Tier is not null)
         {
             throw new ArgumentException("Tiered images with a backing file are not supported (tier data lives in whole images only)", nameof(o));
@@ -45,6 +50,21 @@ internal static class BackingNames
         {
             throw new ArgumentException($"Backing file format '{format}' is not supported (qcow2 and raw are)", nameof(format));
         }
+    }
+
+    /// <summary>
+    /// Whether QEMU's feature name table still fits in cluster 0 beside the backing format extension and the
+    /// name; QEMU leaves the (optional) table out when it does not (512-byte clusters), and so do we.
+    /// </summary>
+    public static bool FitsWithFeatureTable(QcowHeader h, int clusterSize, string? name)
+    {
+        if (name is null)
+        {
+            return true;
+        }
+        var table = HeaderExtension.QemuFeatureNameTable().Length;
+        var used = QcowHeader.V3Length + h.Extensions.Sum(e => 8 + ((e.Data.Length + 7) & ~7)) + 8 + table + 8 + Encoding.UTF8.GetByteCount(name);
+        return used <= clusterSize;
     }
 
     /// <summary>Writes the name after the end marker of a freshly serialized cluster 0, and the header fields pointing at it.</summary>
