@@ -445,6 +445,7 @@ internal sealed partial class QcowCore
             _tierExtData = -1;
             _pins = [];
             _tierClusters = null;
+            _compressedTail[Hdd] = 0;
             TierDataPath = null;
             if (deleteDataFile && path is not null)
             {
