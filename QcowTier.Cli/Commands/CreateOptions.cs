@@ -194,14 +194,15 @@ internal sealed class CreateOptions
             "falloc" or "full" => throw new CliException($"preallocation={Text("preallocation")} is not supported yet for qcow2 (use off or metadata)"),
             var other => throw new CliException($"Parameter 'preallocation' does not accept value '{other}'"),
         };
-        switch (Text("compression_type"))
+        var compression = Text("compression_type") switch
         {
-            case "zlib":
-                break;
-            case "zstd":
-                throw new CliException("compression_type=zstd is not supported yet");
-            case var other:
-                throw new CliException($"Parameter 'compression-type' does not accept value '{other}'");
+            "zlib" => QcowCompressionType.Zlib,
+            "zstd" => QcowCompressionType.Zstd,
+            var other => throw new CliException($"Parameter 'compression-type' does not accept value '{other}'"),
+        };
+        if (compression != QcowCompressionType.Zlib && compat == QcowCompat.V2)
+        {
+            throw new CliException("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
         if (Flag("extended_l2"))
         {
@@ -263,6 +264,7 @@ internal sealed class CreateOptions
             LazyRefcounts = lazy,
             Preallocation = prealloc,
             Tier = tier,
+            CompressionType = compression,
         };
     }
 

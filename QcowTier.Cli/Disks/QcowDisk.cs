@@ -51,6 +51,16 @@ internal sealed class QcowDisk : Disk
     protected override ValueTask WriteCoreAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
         => Image.WriteAsync(offset, data, cancellationToken);
 
+    /// <summary>Whole clusters, compressed (qemu-io write -c, qemu-img convert -c).</summary>
+    public void WriteCompressed(long offset, ReadOnlySpan<byte> data)
+    {
+        Image.WriteCompressed(offset, data);
+        if (Cache.WriteThrough)
+        {
+            Flush();
+        }
+    }
+
     public override void WriteZeroes(long offset, long length, bool mayUnmap)
     {
         Image.WriteZeroes(offset, length, mayUnmap);
