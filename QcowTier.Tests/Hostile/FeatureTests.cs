@@ -114,6 +114,24 @@ public sealed class FeatureTests
         Guard.Fails<QcowUnsupportedFeatureException>(() => QcowImage.Open(path, ReadOnly).Dispose(), "encrypt");
     }
 
+    /// <summary>qemu-img still creates legacy AES-CBC images (crypt_method 1): refused by name, read-only or not, as the CLI refuses creating one.</summary>
+    [Fact]
+    public void RealAesEncryptedImageIsUnsupported()
+    {
+        using var dir = new TempDir();
+        var path = dir.File("aes.qcow2");
+        QemuTools.Img("create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=hunter2", "-o", "encrypt.format=aes,encrypt.key-secret=sec0", path, "1M").EnsureSuccess();
+        foreach (var readOnly in new[] { true, false })
+        {
+            var e = Guard.Fails<QcowUnsupportedFeatureException>(() => QcowImage.Open(path, new QcowOpenOptions { ReadOnly = readOnly }).Dispose(), "encrypt", "crypt_method 1");
+            e.Field.Should().Be("crypt_method");
+            e.Offset.Should().Be(32);
+        }
+        var cli = Cli.CliHarness.Run("create", "-q", "-f", "qcow2", "-o", "encryption=on", dir.File("enc.qcow2"), "1M");
+        cli.ExitCode.Should().NotBe(0);
+        cli.StdErr.Should().Contain("encrypt");
+    }
+
     [Fact]
     public void BackingFileIsUnsupported()
     {
