@@ -106,7 +106,8 @@ internal sealed class QcowDisk : Disk
         switch (e.Kind)
         {
             case QcowExtentKind.Unallocated:
-                yield return new BlockStatus(e.Start, e.Length, Present: false, Zero: true, Data: false, Offset: null);
+                // Extended L2: an unallocated subcluster of an allocated cluster still shows the cluster's offset.
+                yield return new BlockStatus(e.Start, e.Length, Present: false, Zero: true, Data: false, Offset: e.HostOffset);
                 break;
             case QcowExtentKind.Zero:
                 yield return new BlockStatus(e.Start, e.Length, Present: true, Zero: true, Data: false, Offset: e.HostOffset, e.Tier);

@@ -69,7 +69,9 @@ internal sealed partial class QcowCore : IDisposable
         ReadOnly = readOnly;
         _clusterBits = header.ClusterBits;
         _clusterSize = header.ClusterSize;
-        _l2Bits = _clusterBits - 3;
+        _extendedL2 = (header.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0;
+        _entryShift = _extendedL2 ? 4 : 3; // extended L2 entries are 128 bits: descriptor, then subcluster bitmap
+        _l2Bits = _clusterBits - _entryShift;
         _size = header.Size;
         _zeroCluster = new byte[_clusterSize];
         _l1 = LoadL1();
@@ -145,10 +147,7 @@ internal sealed partial class QcowCore : IDisposable
         {
             ThrowHelper.Unsupported(name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features", "QEMU external data files (data_file) are not supported yet");
         }
-        if ((h.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0)
-        {
-            ThrowHelper.Unsupported(name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features", "extended L2 entries (subclusters) are not supported yet");
-        }
+        CheckExtendedL2(h, readOnly, name);
         if (h.BackingFileOffset != 0)
         {
             ThrowHelper.Unsupported(name, QcowHeader.OffsetBackingFileOffset, "backing_file_offset", "images with a backing file are not supported yet");
@@ -341,9 +340,9 @@ internal sealed partial class QcowCore : IDisposable
         File.Write(offset, table);
     }
 
-    private static ulong Entry(byte[] table, int index) => BinaryPrimitives.ReadUInt64BigEndian(table.AsSpan(index * 8));
+    private ulong Entry(byte[] table, int index) => BinaryPrimitives.ReadUInt64BigEndian(table.AsSpan(index << _entryShift));
 
-    private static void SetEntry(byte[] table, int index, ulong value) => BinaryPrimitives.WriteUInt64BigEndian(table.AsSpan(index * 8), value);
+    private void SetEntry(byte[] table, int index, ulong value) => BinaryPrimitives.WriteUInt64BigEndian(table.AsSpan(index << _entryShift), value);
 
     private long ValidateDataOffset(ulong entry, long l2Offset, int l2Index)
     {
@@ -386,6 +385,10 @@ internal sealed partial class QcowCore : IDisposable
     /// <summary>Maps up to <paramref name="maxBytes"/> guest bytes at <paramref name="offset"/> to a run of one kind.</summary>
     private Mapping MapLocked(long offset, long maxBytes, bool stopAtInflight)
     {
+        if (_extendedL2)
+        {
+            return MapExtendedLocked(offset, maxBytes, stopAtInflight);
+        }
         var l2Entries = 1 << _l2Bits;
         var l1Index = (int)(offset >> (_clusterBits + _l2Bits));
         var l2Index = (int)((offset >> _clusterBits) & (l2Entries - 1));
@@ -1364,7 +1367,8 @@ internal sealed partial class QcowCore : IDisposable
             {
                 m = MapLocked(offset, end - offset, stopAtInflight: false);
             }
-            var host = m.Kind is ClusterKind.Normal or ClusterKind.ZeroAllocated ? m.Host : -1;
+            // Extended L2: a subcluster may be unallocated inside an allocated cluster, which has a host offset.
+            var host = m.Kind is ClusterKind.Normal or ClusterKind.ZeroAllocated || m.Kind == ClusterKind.Unallocated && _extendedL2 && m.Host > 0 ? m.Host : -1;
             if (result.Count > 0)
             {
                 var (ps, pl, pk, ph, pt) = result[^1];
