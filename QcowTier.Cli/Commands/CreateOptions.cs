@@ -204,14 +204,19 @@ internal sealed class CreateOptions
         {
             throw new CliException("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
-        if (Flag("extended_l2"))
+        var extendedL2 = Flag("extended_l2");
+        if (extendedL2 && compat == QcowCompat.V2)
         {
-            throw new CliException("extended L2 entries (extended_l2=on) are not supported yet");
+            throw new CliException("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
         var clusterSize = Number("cluster_size")!.Value;
         if (clusterSize < 512 || clusterSize > 2 * 1024 * 1024 || (clusterSize & (clusterSize - 1)) != 0)
         {
             throw new CliException("Cluster size must be a power of two between 512 and 2048k");
+        }
+        if (extendedL2 && clusterSize < 16384)
+        {
+            throw new CliException("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
         }
         var refcountBits = Number("refcount_bits")!.Value;
         if (refcountBits is 0 or > 64 || (refcountBits & (refcountBits - 1)) != 0)
@@ -265,6 +270,7 @@ internal sealed class CreateOptions
             Preallocation = prealloc,
             Tier = tier,
             CompressionType = compression,
+            ExtendedL2 = extendedL2,
         };
     }
 

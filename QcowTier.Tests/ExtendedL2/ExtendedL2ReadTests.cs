@@ -79,15 +79,6 @@ public sealed class ExtendedL2ReadTests
     }
 
     [Fact]
-    public void WritableOpenIsRefusedByNameUntilWritesAreSupported()
-    {
-        using var dir = new TempDir();
-        var path = QemuImage(dir, 65536);
-        var e = Guard.Fails<QcowUnsupportedFeatureException>(() => QcowImage.Open(path).Dispose(), "extended L2", "read-only");
-        e.Field.Should().Be("incompatible_features");
-    }
-
-    [Fact]
     public void InvalidSubclusterBitmapsAreCorruptionAsForQemu()
     {
         using var dir = new TempDir();

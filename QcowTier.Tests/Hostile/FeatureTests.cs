@@ -148,17 +148,6 @@ public sealed class FeatureTests
     }
 
     [Fact]
-    public void ExtendedL2IsUnsupportedForWriting()
-    {
-        using var dir = new TempDir();
-        var path = dir.File("xl2.qcow2");
-        QemuTools.Img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", path, "1M").EnsureSuccess();
-        QemuTools.Io("-f", "qcow2", "-c", "write -q -P 0x55 0 4k", path).EnsureSuccess();
-        // Read-only opens read it (ExtendedL2ReadTests); writable opens are refused by name.
-        Guard.Fails<QcowUnsupportedFeatureException>(() => QcowImage.Open(path).Dispose(), "extended L2");
-    }
-
-    [Fact]
     public void ExternalDataFileIsUnsupported()
     {
         using var dir = new TempDir();

@@ -406,6 +406,10 @@ internal sealed partial class QcowCore
             var entry = ClusterLayout.Compressed | CompressedDescriptor.Encode(plan.Host, plan.Length, _clusterBits)
                 | (plan.Tier == Hdd ? TierExtension.CompressedHddBit : 0);
             SetEntry(table, index, entry);
+            if (_extendedL2)
+            {
+                SetBitmap(table, index, 0); // compressed clusters have no subclusters
+            }
             _l2.MarkDirty(l2Off);
             _needSyncBeforeL2 = true;
             _inflight.Remove(plan.GuestCluster);

@@ -610,6 +610,10 @@ internal sealed partial class QcowCore : IDisposable
         {
             return new WritePlan { Kind = PlanKind.Wait, WaitFor = pending.Task };
         }
+        if (_extendedL2)
+        {
+            return PlanWriteExtended(offset, length);
+        }
         var m = MapLocked(offset, length, stopAtInflight: true);
         if (m.Kind == ClusterKind.Normal && IsCopied(offset))
         {
@@ -711,6 +715,10 @@ internal sealed partial class QcowCore : IDisposable
                     FreeCluster(old);
                 }
                 SetEntry(table, first + i, (ulong)(plan.Host + ((long)i << _clusterBits)) | ClusterLayout.Copied | TierBits(plan.Tier));
+                if (_extendedL2)
+                {
+                    SetBitmapAfterWrite(table, first + i, old, plan);
+                }
             }
             _l2.MarkDirty(l2Off);
             _needSyncBeforeL2 = true;
@@ -857,6 +865,11 @@ internal sealed partial class QcowCore : IDisposable
     private void FillAllocation(in WritePlan plan, ReadOnlySpan<byte> data)
     {
         var file = DataFile(plan.Tier);
+        if (plan.Reused && _extendedL2)
+        {
+            FillSubclusters(plan, data);
+            return;
+        }
         if (plan.CowCompressed != 0)
         {
             var merged = new byte[_clusterSize];
@@ -923,6 +936,11 @@ internal sealed partial class QcowCore : IDisposable
     {
         CheckWritable();
         CheckRange(offset, length);
+        if (_extendedL2)
+        {
+            DiscardExtended(offset, length);
+            return;
+        }
         var start = (offset + _clusterSize - 1) & ~(long)(_clusterSize - 1);
         var end = offset + length == Size ? offset + length : (offset + length) & ~(long)(_clusterSize - 1);
         if (end <= start)
@@ -954,6 +972,11 @@ internal sealed partial class QcowCore : IDisposable
     {
         CheckWritable();
         CheckRange(offset, length);
+        if (_extendedL2)
+        {
+            WriteZeroesExtended(offset, length, mayUnmap);
+            return;
+        }
         if (length == 0)
         {
             return;
