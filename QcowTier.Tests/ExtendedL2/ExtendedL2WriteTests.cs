@@ -65,15 +65,17 @@ public sealed class ExtendedL2WriteTests
         QemuTools.Img("info", ours).StdOut.Should().Contain("extended l2: true");
     }
 
-    [Fact]
-    public async Task LibraryOperationsAgainstAModel()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task LibraryOperationsAgainstAModel(bool lazyRefcounts)
     {
         using var dir = new TempDir();
         var path = dir.File("model.qcow2");
         const int cs = 65536;
         var model = new byte[40L * cs];
         var rng = new Random(42);
-        using (var img = QcowImage.Create(path, model.Length, new QcowCreateOptions { ExtendedL2 = true, LazyRefcounts = false }))
+        using (var img = QcowImage.Create(path, model.Length, new QcowCreateOptions { ExtendedL2 = true, LazyRefcounts = lazyRefcounts }))
         {
             for (var i = 0; i < 300; i++)
             {
@@ -127,6 +129,20 @@ public sealed class ExtendedL2WriteTests
         }
         Qemu.AssertClean(path);
         Qemu.AssertSameContent(path, Compression.CompressionKit.WriteRaw(dir, model), "qcow2", "raw");
+    }
+
+    [Fact]
+    public void CreationRulesAndTieringRefusal()
+    {
+        using var dir = new TempDir();
+        FluentActions.Invoking(() => QcowImage.Create(dir.File("a.qcow2"), 1 << 20, new QcowCreateOptions { ExtendedL2 = true, ClusterSize = 8192 }))
+            .Should().Throw<ArgumentException>().WithMessage("*at least 16384*");
+        FluentActions.Invoking(() => QcowImage.Create(dir.File("b.qcow2"), 1 << 20, new QcowCreateOptions { ExtendedL2 = true, Compat = QcowCompat.V2 }))
+            .Should().Throw<ArgumentException>().WithMessage("*1.1*");
+        CliHarness.Run("create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=4k", dir.File("c.qcow2"), "1M")
+            .ShouldBeOneLineError("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
+        using var img = QcowImage.Create(dir.File("d.qcow2"), 1 << 20, new QcowCreateOptions { ExtendedL2 = true });
+        FluentActions.Invoking(() => img.AttachTier(new QcowTierOptions { DataFile = "d.hdd" })).Should().Throw<QcowUnsupportedFeatureException>();
     }
 
     [Fact]

@@ -320,6 +320,10 @@ internal sealed partial class QcowCore
         {
             throw new QcowUnsupportedFeatureException("tiering needs a version 3 image (compat=1.1)", Name, QcowHeader.OffsetVersion, "version");
         }
+        if (_extendedL2)
+        {
+            throw new QcowUnsupportedFeatureException("tiering images with extended L2 entries (subclusters) is not supported", Name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features");
+        }
         lock (_lock)
         {
             if (_tier is not null)
