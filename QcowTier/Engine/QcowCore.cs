@@ -482,6 +482,11 @@ internal sealed partial class QcowCore : IDisposable
             lock (_lock)
             {
                 m = MapLocked(offset, buffer.Length, stopAtInflight: false);
+                if (m.Kind == ClusterKind.Compressed)
+                {
+                    // Under the lock: a flush waiting for active I/O holds it, so a reader must not ask for it later.
+                    CheckCompressedOverlapLocked(m.Entry, m.Tier, offset);
+                }
                 if (m.Kind is ClusterKind.Normal or ClusterKind.Compressed)
                 {
                     Interlocked.Increment(ref _activeIo);
@@ -503,7 +508,7 @@ internal sealed partial class QcowCore : IDisposable
                 case ClusterKind.Compressed:
                     try
                     {
-                        ReadCompressed(m.Entry, m.Tier, offset, buffer[..n]);
+                        ReadCompressed(m.Entry, m.Tier, offset, buffer[..n], overlapChecked: true);
                     }
                     finally
                     {
@@ -535,6 +540,11 @@ internal sealed partial class QcowCore : IDisposable
             lock (_lock)
             {
                 m = MapLocked(offset, buffer.Length, stopAtInflight: false);
+                if (m.Kind == ClusterKind.Compressed)
+                {
+                    // Under the lock: a flush waiting for active I/O holds it, so a reader must not ask for it later.
+                    CheckCompressedOverlapLocked(m.Entry, m.Tier, offset);
+                }
                 if (m.Kind is ClusterKind.Normal or ClusterKind.Compressed)
                 {
                     Interlocked.Increment(ref _activeIo);
