@@ -145,6 +145,51 @@ public sealed class ExtendedL2WriteTests
         FluentActions.Invoking(() => img.AttachTier(new QcowTierOptions { DataFile = "d.hdd" })).Should().Throw<QcowUnsupportedFeatureException>();
     }
 
+    /// <summary>A dirty lazy-refcount image is repaired at a writable open, and leaks are repaired, with 128-bit entries.</summary>
+    [Fact]
+    public void DirtyRepairAndLeakRepairWalkExtendedEntries()
+    {
+        using var dir = new TempDir();
+        var path = dir.File("lazy.qcow2");
+        var copy = dir.File("dirty.qcow2");
+        const int cs = 65536;
+        var model = new byte[16 * cs];
+        using (var img = QcowImage.Create(path, model.Length, new QcowCreateOptions { ExtendedL2 = true, LazyRefcounts = true }))
+        {
+            var data = new byte[5000];
+            new Random(3).NextBytes(data);
+            img.Write(3 * cs + 2048, data);
+            data.CopyTo(model, 3 * cs + 2048);
+            img.WriteCompressed(6L * cs, model.AsSpan(3 * cs, cs));
+            model.AsSpan(3 * cs, cs).CopyTo(model.AsSpan(6 * cs));
+            img.WriteZeroes(3L * cs + 4096, 2048);
+            model.AsSpan(3 * cs + 4096, 2048).Clear();
+            img.Flush();
+            File.Copy(path, copy); // as left by a crash: dirty bit set, refcounts stale
+        }
+        QemuTools.Img("info", copy).StdOut.Should().Contain("lazy refcounts: true");
+        using (var img = QcowImage.Open(copy))
+        {
+            var back = new byte[model.Length];
+            img.Read(0, back);
+            QemuTools.AssertBytesEqual(model, back, "after the dirty repair");
+        }
+        Qemu.AssertClean(copy);
+        // Leak a cluster (refcount without reference) and let our check repair it.
+        using (var img = QcowImage.Open(copy))
+        {
+            img.Core.Refcounts.Update(0, 1); // the header cluster: refcount 2, referenced once
+            img.Flush();
+        }
+        QemuTools.Check(copy).Leaks.Should().Be(1);
+        using (var img = QcowImage.Open(copy))
+        {
+            img.Check(QcowRepairMode.Leaks).LeaksFixed.Should().Be(1);
+        }
+        Qemu.AssertClean(copy);
+        Qemu.AssertSameContent(copy, Compression.CompressionKit.WriteRaw(dir, model), "qcow2", "raw");
+    }
+
     [Fact]
     public void QemuAndWeTakeTurnsOnOneImage()
     {
