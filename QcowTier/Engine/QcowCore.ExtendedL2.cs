@@ -25,7 +25,7 @@ internal sealed partial class QcowCore
 
     private ulong Bitmap(byte[] table, int index) => BinaryPrimitives.ReadUInt64BigEndian(table.AsSpan((index << 4) + 8));
 
-    private static void CheckExtendedL2(QcowHeader h, bool readOnly, string? name)
+    private static void CheckExtendedL2(QcowHeader h, string? name)
     {
         if ((h.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) == 0)
         {
@@ -35,7 +35,6 @@ internal sealed partial class QcowCore
         {
             ThrowHelper.Corrupt(name, QcowHeader.OffsetClusterBits, "cluster_bits", "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
         }
-        _ = readOnly;
         if (h.Extensions.Any(e => e.Type == TierExtension.Type))
         {
             ThrowHelper.Unsupported(name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features", "tiered images with extended L2 entries are not supported");

@@ -147,7 +147,7 @@ internal sealed partial class QcowCore : IDisposable
         {
             ThrowHelper.Unsupported(name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features", "QEMU external data files (data_file) are not supported yet");
         }
-        CheckExtendedL2(h, readOnly, name);
+        CheckExtendedL2(h, name);
         if (h.BackingFileOffset != 0)
         {
             ThrowHelper.Unsupported(name, QcowHeader.OffsetBackingFileOffset, "backing_file_offset", "images with a backing file are not supported yet");
