@@ -142,6 +142,12 @@ public sealed class QcowCreateOptions
     /// <summary>How <see cref="QcowImage.WriteCompressed"/> compresses clusters (compression_type). Default zlib.</summary>
     public QcowCompressionType CompressionType { get; init; } = QcowCompressionType.Zlib;
 
+    /// <summary>
+    /// Extended L2 entries (extended_l2; version 3, clusters of at least 16 KiB): each cluster has 32
+    /// subclusters allocated and zeroed on their own, so small writes to new clusters write less.
+    /// </summary>
+    public bool ExtendedL2 { get; init; }
+
     /// <summary>Make a tiered image, with its HDD data file and placement policy; null for a plain image.</summary>
     public QcowTierOptions? Tier { get; init; }
 

@@ -15,13 +15,14 @@ internal sealed class ConvertCommand : Command
 
     public override string Name => "convert";
 
-    public override string Synopsis => "convert [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-m num] [-W] filename output_filename";
+    public override string Synopsis => "convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-m num] [-W] filename output_filename";
 
     public override string Help => """
         Copies the guest-visible content of an image into a new image of the same size.
           -f fmt           source format (default: detected)
           -O fmt           output format, qcow2 or raw (default raw)
           -o options       creation options of the output, as for create
+          -c               compress the output's clusters (qcow2; compression_type picks zlib or zstd)
           -S size          a block of this many zero bytes is left unallocated in the output
                            (default 4k; 0 writes everything, fully allocating the output)
           -t cache         cache mode of the output (default unsafe, as qemu-img: not flushed to disk)
@@ -54,9 +55,9 @@ internal sealed class ConvertCommand : Command
             CreateOptions.PrintHelp(outFormat, ctx.Out);
             return 0;
         }
-        if (o.Has("c"))
+        if (o.Has("c") && outFormat != "qcow2")
         {
-            throw new CliException("Compressed output (-c) is not supported yet");
+            throw new CliException("Compression not supported for this file format");
         }
         var outBacking = o.Get("B");
         if (outBacking is not null && o.Has("n"))
@@ -154,7 +155,7 @@ internal sealed class ConvertCommand : Command
         }
         else
         {
-            var copier = new ImageCopier(source, target, sparse, Math.Clamp(depth / 4, 1, 4), ChunkSize, targetKnownZero: !skipCreate || targetIsZero, progress);
+            var copier = new ImageCopier(source, target, sparse, Math.Clamp(depth / 4, 1, 4), ChunkSize, targetKnownZero: !skipCreate || targetIsZero, progress, compress: o.Has("c"));
             copier.Run();
         }
         target.Flush();

@@ -195,27 +195,33 @@ internal sealed class CreateOptions
             "full" => QcowPreallocation.Full,
             var other => throw new CliException($"Parameter 'preallocation' does not accept value '{other}'"),
         };
-        switch (Text("compression_type"))
+        var compression = Text("compression_type") switch
         {
-            case "zlib":
-                break;
-            case "zstd":
-                throw new CliException("compression_type=zstd is not supported yet");
-            case var other:
-                throw new CliException($"Parameter 'compression-type' does not accept value '{other}'");
+            "zlib" => QcowCompressionType.Zlib,
+            "zstd" => QcowCompressionType.Zstd,
+            var other => throw new CliException($"Parameter 'compression-type' does not accept value '{other}'"),
+        };
+        if (compression != QcowCompressionType.Zlib && compat == QcowCompat.V2)
+        {
+            throw new CliException("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
         if (backingFile is not null && prealloc != QcowPreallocation.Off)
         {
             throw new CliException("Backing file and preallocation can only be used at the same time if extended_l2 is on");
         }
-        if (Flag("extended_l2"))
+        var extendedL2 = Flag("extended_l2");
+        if (extendedL2 && compat == QcowCompat.V2)
         {
-            throw new CliException("extended L2 entries (extended_l2=on) are not supported yet");
+            throw new CliException("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
         var clusterSize = Number("cluster_size")!.Value;
         if (clusterSize < 512 || clusterSize > 2 * 1024 * 1024 || (clusterSize & (clusterSize - 1)) != 0)
         {
             throw new CliException("Cluster size must be a power of two between 512 and 2048k");
+        }
+        if (extendedL2 && clusterSize < 16384)
+        {
+            throw new CliException("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
         }
         var refcountBits = Number("refcount_bits")!.Value;
         if (refcountBits is 0 or > 64 || (refcountBits & (refcountBits - 1)) != 0)
@@ -290,6 +296,8 @@ internal sealed class CreateOptions
             BackingFile = backingFile,
             BackingFormat = backingFormat,
             BackingPolicy = unsafeBacking ? QcowBackingPolicy.Ignore : QcowBackingPolicy.Follow,
+            CompressionType = compression,
+            ExtendedL2 = extendedL2,
         };
     }
 

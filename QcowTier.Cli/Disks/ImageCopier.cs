@@ -29,8 +29,15 @@ internal sealed class ImageCopier
     private bool _planEnded;
     private bool _stop;
 
-    public ImageCopier(Disk source, Disk target, long sparse, int readers, int chunkSize, bool targetKnownZero, Progress progress)
+    private readonly int _compressCluster; // convert -c: the target's cluster size, else 0
+
+    public ImageCopier(Disk source, Disk target, long sparse, int readers, int chunkSize, bool targetKnownZero, Progress progress, bool compress = false)
     {
+        if (compress)
+        {
+            var qcow = target as QcowDisk ?? throw new CliException("Compression not supported for this file format");
+            _compressCluster = qcow.Image.ClusterSize;
+        }
         _source = source;
         _target = target;
         _sparse = sparse;
@@ -265,6 +272,44 @@ internal sealed class ImageCopier
     /// <summary>Runs of the source in order: known-zero ranges whole, data split at chunk boundaries.</summary>
     private IEnumerable<(long Offset, long Length, bool Zero)> Plan()
     {
+        if (_compressCluster > 0)
+        {
+            return CompressedPlan();
+        }
+        return PlainPlan();
+    }
+
+    /// <summary>
+    /// For convert -c: whole chunks (so whole target clusters) are read and compressed as soon as any
+    /// part of them holds data; chunks that are all zero are skipped as usual.
+    /// </summary>
+    private IEnumerable<(long Offset, long Length, bool Zero)> CompressedPlan()
+    {
+        var size = _source.Size;
+        IEnumerable<BlockStatus> runs = _sparse == 0
+            ? [new BlockStatus(0, size, true, false, true, null)]
+            : _source.GetStatus(0, size);
+        long chunkStart = 0;
+        var hasData = false;
+        foreach (var run in runs)
+        {
+            for (var pos = run.Start; pos < run.End;)
+            {
+                var chunkEnd = Math.Min(size, (pos / _chunkSize + 1) * _chunkSize);
+                hasData |= !run.Zero;
+                pos = Math.Min(run.End, chunkEnd);
+                if (pos == chunkEnd)
+                {
+                    yield return (chunkStart, chunkEnd - chunkStart, !hasData);
+                    chunkStart = chunkEnd;
+                    hasData = false;
+                }
+            }
+        }
+    }
+
+    private IEnumerable<(long Offset, long Length, bool Zero)> PlainPlan()
+    {
         var size = _source.Size;
         IEnumerable<BlockStatus> runs = _sparse == 0
             ? [new BlockStatus(0, size, true, false, true, null)]
@@ -289,7 +334,11 @@ internal sealed class ImageCopier
     {
         try
         {
-            if (_sparse == 0)
+            if (_compressCluster > 0)
+            {
+                WriteCompressed(offset, data);
+            }
+            else if (_sparse == 0)
             {
                 _target.Write(offset, data);
             }
@@ -301,6 +350,37 @@ internal sealed class ImageCopier
         catch (Exception e) when (e is IOException or NotSupportedException or InvalidOperationException or ArgumentException)
         {
             throw new CliException($"error while writing at byte {offset}: {e.Message}", e);
+        }
+    }
+
+    /// <summary>Compresses every cluster of the chunk that is not all zero (qemu-img convert -c), whole runs at a time.</summary>
+    private void WriteCompressed(long offset, ReadOnlySpan<byte> data)
+    {
+        var target = (QcowDisk)_target;
+        var runStart = -1;
+        for (var pos = 0; pos < data.Length; pos += _compressCluster)
+        {
+            var end = Math.Min(data.Length, pos + _compressCluster);
+            if (_sparse != 0 && !data[pos..end].ContainsAnyExcept((byte)0))
+            {
+                if (runStart >= 0)
+                {
+                    target.WriteCompressed(offset + runStart, data[runStart..pos]);
+                    runStart = -1;
+                }
+                if (!_targetKnownZero)
+                {
+                    _target.WriteZeroes(offset + pos, end - pos, mayUnmap: true);
+                }
+            }
+            else if (runStart < 0)
+            {
+                runStart = pos;
+            }
+        }
+        if (runStart >= 0)
+        {
+            target.WriteCompressed(offset + runStart, data[runStart..]);
         }
     }
 

@@ -60,6 +60,16 @@ internal sealed partial class QcowDisk : Disk
     protected override ValueTask WriteCoreAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
         => Image.WriteAsync(offset, data, cancellationToken);
 
+    /// <summary>Whole clusters, compressed (qemu-io write -c, qemu-img convert -c).</summary>
+    public void WriteCompressed(long offset, ReadOnlySpan<byte> data)
+    {
+        Image.WriteCompressed(offset, data);
+        if (Cache.WriteThrough)
+        {
+            Flush();
+        }
+    }
+
     public override void WriteZeroes(long offset, long length, bool mayUnmap)
     {
         Image.WriteZeroes(offset, length, mayUnmap);
@@ -111,7 +121,8 @@ internal sealed partial class QcowDisk : Disk
                 yield return new BlockStatus(e.Start, e.Length, Present: true, Zero: false, Data: true, Offset: e.Start);
                 break;
             case QcowExtentKind.Unallocated:
-                yield return new BlockStatus(e.Start, e.Length, Present: false, Zero: true, Data: false, Offset: null);
+                // Extended L2: an unallocated subcluster of an allocated cluster still shows the cluster's offset.
+                yield return new BlockStatus(e.Start, e.Length, Present: false, Zero: true, Data: false, Offset: e.HostOffset);
                 break;
             case QcowExtentKind.Zero:
                 yield return new BlockStatus(e.Start, e.Length, Present: true, Zero: true, Data: false, Offset: e.HostOffset, e.Tier);

@@ -278,7 +278,8 @@ internal sealed class QemuIoShell
             _out.WriteLine($"length cannot exceed {MaxRequest} without -n, given {o.Operands[1]}");
             return false;
         }
-        if (o.Has("b") || o.Has("c"))
+        var compressed = o.Has("c") && !zFlag;
+        if (o.Has("b") || compressed && _disk is not QcowDisk)
         {
             _out.WriteLine("write failed: Operation not supported");
             return false;
@@ -311,6 +312,13 @@ internal sealed class QemuIoShell
             {
                 _disk.WriteZeroes(offset, count, o.Has("u"));
             }
+            else if (compressed)
+            {
+                if (!WriteCompressed((QcowDisk)_disk, offset, buffer!))
+                {
+                    return false;
+                }
+            }
             else
             {
                 _disk.Write(offset, buffer);
@@ -330,6 +338,27 @@ internal sealed class QemuIoShell
         {
             Report("wrote", sw.Elapsed, offset, count, count, o.Has("C"));
         }
+        return true;
+    }
+
+    /// <summary>
+    /// write -c, with QEMU's refusals: whole clusters only (the image's last one may be partial), and
+    /// never over a cluster that has a host offset (QEMU's compressed writes cannot overwrite).
+    /// </summary>
+    private bool WriteCompressed(QcowDisk disk, long offset, byte[] buffer)
+    {
+        var cs = disk.Image.ClusterSize;
+        if (offset % cs != 0 || (buffer.Length % cs != 0 && offset + buffer.Length != disk.Size))
+        {
+            _out.WriteLine("write failed: Invalid argument");
+            return false;
+        }
+        if (buffer.Length > 0 && disk.Image.GetMap(offset, buffer.Length).Any(e => e.HostOffset is not null || e.Kind == QcowExtentKind.Compressed))
+        {
+            _out.WriteLine("write failed: Input/output error");
+            return false;
+        }
+        disk.WriteCompressed(offset, buffer);
         return true;
     }
 

@@ -28,6 +28,8 @@ internal sealed class CheckPass
     private readonly int _clusterBits;
     private readonly int _clusterSize;
     private readonly int _l2Entries;
+    private readonly int _entryBytes; // 8, or 16 with extended L2 (descriptor, then subcluster bitmap)
+    private readonly bool _extendedL2;
     private readonly int _csizeShift;
     private readonly ulong _csizeMask;
     private readonly ulong _compressedOffsetMask;
@@ -61,7 +63,9 @@ internal sealed class CheckPass
         _fixErrors = mode == QcowRepairMode.All;
         _clusterBits = header.ClusterBits;
         _clusterSize = header.ClusterSize;
-        _l2Entries = _clusterSize / 8;
+        _extendedL2 = (header.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0;
+        _entryBytes = _extendedL2 ? 16 : 8;
+        _l2Entries = _clusterSize / _entryBytes;
         _csizeShift = 62 - (_clusterBits - 8);
         _csizeMask = (1UL << (_clusterBits - 8)) - 1;
         _compressedOffsetMask = (1UL << _csizeShift) - 1;
@@ -473,7 +477,11 @@ internal sealed class CheckPass
         RefcountSpace? lastSpace = null;
         for (var i = 0; i < _l2Entries; i++)
         {
-            var entry = BinaryPrimitives.ReadUInt64BigEndian(l2.AsSpan(i * 8));
+            var entry = BinaryPrimitives.ReadUInt64BigEndian(l2.AsSpan(i * _entryBytes));
+            if (_extendedL2)
+            {
+                CheckSubclusterBitmap(entry, BinaryPrimitives.ReadUInt64BigEndian(l2.AsSpan(i * 16 + 8)), i);
+            }
             if (entry == 0)
             {
                 continue;
@@ -566,6 +574,30 @@ internal sealed class CheckPass
     /// <summary>Clusters of a QEMU external data file are not refcounted (qcow2.txt, incompatible bit 2).</summary>
     private bool ExternalData => (_header.IncompatibleFeatures & QcowHeader.IncompatExternalDataFile) != 0;
 
+    /// <summary>QEMU's subcluster bitmap checks (check_refcounts_l2, extended L2).</summary>
+    private void CheckSubclusterBitmap(ulong entry, ulong bitmap, int index)
+    {
+        var type = Classify(entry);
+        if (type == EntryType.Compressed)
+        {
+            if (bitmap != 0)
+            {
+                Corruption($"ERROR compressed cluster {index} with non-zero subcluster allocation bitmap, entry=0x{entry:x}");
+            }
+        }
+        else if (type == EntryType.Normal)
+        {
+            if (((bitmap >> 32) & bitmap) != 0)
+            {
+                Corruption($"ERROR offset={entry & OffsetMask:x}: Allocated cluster has corrupted subcluster allocation bitmap");
+            }
+        }
+        else if ((bitmap & 0xffffffffUL) != 0)
+        {
+            Corruption("ERROR: Unallocated cluster has non-zero subcluster allocation map");
+        }
+    }
+
     private enum EntryType
     {
         Unallocated,
@@ -597,15 +629,15 @@ internal sealed class CheckPass
             ? ClusterLayout.L2ReservedMask & ~TierExtension.L2HddBit
             : ClusterLayout.L2ReservedMask;
 
-    /// <summary>QEMU's qcow2_get_cluster_type for images without subclusters or a data file.</summary>
-    private static EntryType Classify(ulong entry)
+    /// <summary>QEMU's qcow2_get_cluster_type for images without a data file (with subclusters, bit 0 is not a zero flag).</summary>
+    private EntryType Classify(ulong entry)
     {
         if ((entry & ClusterLayout.Compressed) != 0)
         {
             return EntryType.Compressed;
         }
         var hasOffset = (entry & OffsetMask) != 0;
-        if ((entry & ClusterLayout.Zero) != 0)
+        if ((entry & ClusterLayout.Zero) != 0 && !_extendedL2)
         {
             return hasOffset ? EntryType.ZeroAllocated : EntryType.ZeroPlain;
         }
@@ -625,7 +657,7 @@ internal sealed class CheckPass
             Note("ERROR: L2 table offset unaligned; not repairing its entries");
             return false;
         }
-        var entryOffset = (long)l2Offset + index * 8L;
+        var entryOffset = (long)l2Offset + index * (long)_entryBytes;
         if (OverlapsMetadata(entryOffset, 8, allowActiveL2: true) || entryOffset + 8 > _file.Length)
         {
             Note("ERROR: Overlap check failed");
@@ -633,8 +665,8 @@ internal sealed class CheckPass
             abort = true;
             return false;
         }
-        BinaryPrimitives.WriteUInt64BigEndian(l2.AsSpan(index * 8), ClusterLayout.Zero);
-        _file.Write(entryOffset, l2.AsSpan(index * 8, 8));
+        BinaryPrimitives.WriteUInt64BigEndian(l2.AsSpan(index * _entryBytes), ClusterLayout.Zero);
+        _file.Write(entryOffset, l2.AsSpan(index * _entryBytes, 8));
         _file.Flush();
         _counters.Corruptions--;
         _counters.CorruptionsFixed++;
@@ -875,7 +907,7 @@ internal sealed class CheckPass
             var changes = new List<int>();
             for (var j = 0; j < _l2Entries; j++)
             {
-                var entry = BinaryPrimitives.ReadUInt64BigEndian(l2.AsSpan(j * 8));
+                var entry = BinaryPrimitives.ReadUInt64BigEndian(l2.AsSpan(j * _entryBytes));
                 var type = Classify(entry);
                 if (type is not (EntryType.Normal or EntryType.ZeroAllocated))
                 {
@@ -892,7 +924,7 @@ internal sealed class CheckPass
                     Note($"{(repair ? "Repairing" : "ERROR")} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}");
                     if (repair)
                     {
-                        BinaryPrimitives.WriteUInt64BigEndian(l2.AsSpan(j * 8), refcount == 1 ? entry | ClusterLayout.Copied : entry & ~ClusterLayout.Copied);
+                        BinaryPrimitives.WriteUInt64BigEndian(l2.AsSpan(j * _entryBytes), refcount == 1 ? entry | ClusterLayout.Copied : entry & ~ClusterLayout.Copied);
                         changes.Add(j);
                     }
                 }
@@ -917,7 +949,7 @@ internal sealed class CheckPass
                 // Entry by entry: each write is a single aligned 8-byte change that stands on its own.
                 foreach (var j in changes)
                 {
-                    _file.Write((long)l2Offset + j * 8L, l2.AsSpan(j * 8, 8));
+                    _file.Write((long)l2Offset + j * (long)_entryBytes, l2.AsSpan(j * _entryBytes, 8));
                 }
                 wrote = true;
                 _counters.Corruptions -= changes.Count;

@@ -52,7 +52,7 @@ internal sealed partial class QcowCore
     /// reserved offset bits and (primary file) of metadata. Damage is reported, not flagged in the
     /// header: QEMU too only fails the read.
     /// </summary>
-    private CompressedDescriptor ValidateCompressed(ulong entry, int tier, long guestOffset)
+    private CompressedDescriptor ValidateCompressed(ulong entry, int tier, long guestOffset, bool overlapChecked)
     {
         var d = CompressedDescriptor.Decode(entry, _clusterBits);
         var file = DataFile(tier);
@@ -68,22 +68,33 @@ internal sealed partial class QcowCore
         {
             ThrowCompressedCorrupt(guestOffset, d, $"lies beyond the end of the file ({file.Length} bytes)");
         }
-        if (tier == Ssd)
+        if (!overlapChecked)
         {
             lock (_lock)
             {
-                var (first, count) = d.Clusters(_clusterBits);
-                for (var c = first; c < first + count; c++)
-                {
-                    var meta = MetadataIn(c << _clusterBits);
-                    if (meta != Meta.None)
-                    {
-                        ThrowCompressedCorrupt(guestOffset, d, $"overlaps metadata ({Describe(meta)})");
-                    }
-                }
+                CheckCompressedOverlapLocked(entry, tier, guestOffset);
             }
         }
         return d;
+    }
+
+    /// <summary>Compressed data inside metadata is damage (lock held; callers with I/O counted active check before counting it).</summary>
+    private void CheckCompressedOverlapLocked(ulong entry, int tier, long guestOffset)
+    {
+        if (tier != Ssd)
+        {
+            return;
+        }
+        var d = CompressedDescriptor.Decode(entry, _clusterBits);
+        var (first, count) = d.Clusters(_clusterBits);
+        for (var c = first; c < first + count; c++)
+        {
+            var meta = MetadataIn(c << _clusterBits);
+            if (meta != Meta.None)
+            {
+                ThrowCompressedCorrupt(guestOffset & ~(long)(_clusterSize - 1), d, $"overlaps metadata ({Describe(meta)})");
+            }
+        }
     }
 
     [MethodImpl(MethodImplOptions.NoInlining)]
@@ -105,10 +116,10 @@ internal sealed partial class QcowCore
     }
 
     /// <summary>Serves part of a compressed cluster (the caller counts the I/O as active, so its host clusters are not reused meanwhile).</summary>
-    private void ReadCompressed(ulong entry, int tier, long guestOffset, Span<byte> buffer)
+    private void ReadCompressed(ulong entry, int tier, long guestOffset, Span<byte> buffer, bool overlapChecked)
     {
         var clusterStart = guestOffset & ~(long)(_clusterSize - 1);
-        var d = ValidateCompressed(entry, tier, clusterStart);
+        var d = ValidateCompressed(entry, tier, clusterStart, overlapChecked);
         var input = ArrayPool<byte>.Shared.Rent(d.Size);
         byte[]? whole = null;
         try
@@ -137,7 +148,7 @@ internal sealed partial class QcowCore
     private async ValueTask ReadCompressedAsync(ulong entry, int tier, long guestOffset, Memory<byte> buffer, CancellationToken ct)
     {
         var clusterStart = guestOffset & ~(long)(_clusterSize - 1);
-        var d = ValidateCompressed(entry, tier, clusterStart);
+        var d = ValidateCompressed(entry, tier, clusterStart, overlapChecked: true);
         var input = ArrayPool<byte>.Shared.Rent(d.Size);
         var whole = ArrayPool<byte>.Shared.Rent(_clusterSize);
         try
@@ -156,7 +167,7 @@ internal sealed partial class QcowCore
 
     /// <summary>Decompresses a whole compressed cluster for copy-on-write (the entry is pinned by the in-flight guest cluster).</summary>
     private void ReadCompressedCluster(ulong entry, int tier, long guestCluster, Span<byte> cluster)
-        => ReadCompressed(entry, tier, guestCluster << _clusterBits, cluster);
+        => ReadCompressed(entry, tier, guestCluster << _clusterBits, cluster, overlapChecked: false);
 
     // ---------------------------------------------------------------- freeing (lock held)
 
@@ -406,6 +417,10 @@ internal sealed partial class QcowCore
             var entry = ClusterLayout.Compressed | CompressedDescriptor.Encode(plan.Host, plan.Length, _clusterBits)
                 | (plan.Tier == Hdd ? TierExtension.CompressedHddBit : 0);
             SetEntry(table, index, entry);
+            if (_extendedL2)
+            {
+                SetBitmap(table, index, 0); // compressed clusters have no subclusters
+            }
             _l2.MarkDirty(l2Off);
             _needSyncBeforeL2 = true;
             _inflight.Remove(plan.GuestCluster);

@@ -333,6 +333,10 @@ internal sealed partial class QcowCore
             // Tier data lives in whole images only; docs/FORMAT.md §1.3.
             throw new QcowUnsupportedFeatureException("tiered images with a backing file are not supported (flatten the image first)", Name, QcowHeader.OffsetBackingFileOffset, "backing_file_offset");
         }
+        if (_extendedL2)
+        {
+            throw new QcowUnsupportedFeatureException("tiering images with extended L2 entries (subclusters) is not supported", Name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features");
+        }
         lock (_lock)
         {
             if (_tier is not null)
@@ -509,6 +513,7 @@ internal sealed partial class QcowCore
             _tierExtData = -1;
             _pins = [];
             _tierClusters = null;
+            _compressedTail[Hdd] = 0;
             TierDataPath = null;
             if (deleteDataFile && path is not null)
             {

@@ -69,7 +69,9 @@ internal sealed partial class QcowCore : IDisposable
         ReadOnly = readOnly;
         _clusterBits = header.ClusterBits;
         _clusterSize = header.ClusterSize;
-        _l2Bits = _clusterBits - 3;
+        _extendedL2 = (header.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0;
+        _entryShift = _extendedL2 ? 4 : 3; // extended L2 entries are 128 bits: descriptor, then subcluster bitmap
+        _l2Bits = _clusterBits - _entryShift;
         _size = header.Size;
         _zeroCluster = new byte[_clusterSize];
         _l1 = LoadL1();
@@ -146,9 +148,15 @@ internal sealed partial class QcowCore : IDisposable
         {
             ThrowHelper.Unsupported(name, QcowHeader.OffsetCryptMethod, "crypt_method", $"encrypted images (crypt_method {h.CryptMethod}) are not supported");
         }
-        if ((h.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0)
+        CheckExtendedL2(h, name);
+        if ((h.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0 && h.BackingFileOffset != 0)
         {
-            ThrowHelper.Unsupported(name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features", "extended L2 entries (subclusters) are not supported yet");
+            // Unallocated subclusters would have to read from the backing file; not implemented yet.
+            ThrowHelper.Unsupported(name, QcowHeader.OffsetBackingFileOffset, "backing_file_offset", "extended L2 entries (subclusters) with a backing file are not supported yet");
+        }
+        if ((h.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0 && (h.IncompatibleFeatures & QcowHeader.IncompatExternalDataFile) != 0)
+        {
+            ThrowHelper.Unsupported(name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features", "extended L2 entries (subclusters) with an external data file are not supported yet");
         }
         if (h.NbSnapshots != 0 && !readOnly && (h.IncompatibleFeatures & KnownTierIncompat(h)) != 0)
         {
@@ -334,9 +342,9 @@ internal sealed partial class QcowCore : IDisposable
         File.Write(offset, table);
     }
 
-    private static ulong Entry(byte[] table, int index) => BinaryPrimitives.ReadUInt64BigEndian(table.AsSpan(index * 8));
+    private ulong Entry(byte[] table, int index) => BinaryPrimitives.ReadUInt64BigEndian(table.AsSpan(index << _entryShift));
 
-    private static void SetEntry(byte[] table, int index, ulong value) => BinaryPrimitives.WriteUInt64BigEndian(table.AsSpan(index * 8), value);
+    private void SetEntry(byte[] table, int index, ulong value) => BinaryPrimitives.WriteUInt64BigEndian(table.AsSpan(index << _entryShift), value);
 
     private long ValidateDataOffset(ulong entry, long l2Offset, int l2Index)
     {
@@ -379,6 +387,10 @@ internal sealed partial class QcowCore : IDisposable
     /// <summary>Maps up to <paramref name="maxBytes"/> guest bytes at <paramref name="offset"/> to a run of one kind.</summary>
     private Mapping MapLocked(long offset, long maxBytes, bool stopAtInflight)
     {
+        if (_extendedL2)
+        {
+            return MapExtendedLocked(offset, maxBytes, stopAtInflight);
+        }
         var l2Entries = 1 << _l2Bits;
         var l1Index = (int)(offset >> (_clusterBits + _l2Bits));
         var l2Index = (int)((offset >> _clusterBits) & (l2Entries - 1));
@@ -472,6 +484,11 @@ internal sealed partial class QcowCore : IDisposable
             lock (_lock)
             {
                 m = MapLocked(offset, buffer.Length, stopAtInflight: false);
+                if (m.Kind == ClusterKind.Compressed)
+                {
+                    // Under the lock: a flush waiting for active I/O holds it, so a reader must not ask for it later.
+                    CheckCompressedOverlapLocked(m.Entry, m.Tier, offset);
+                }
                 if (m.Kind is ClusterKind.Normal or ClusterKind.Compressed)
                 {
                     Interlocked.Increment(ref _activeIo);
@@ -493,7 +510,7 @@ internal sealed partial class QcowCore : IDisposable
                 case ClusterKind.Compressed:
                     try
                     {
-                        ReadCompressed(m.Entry, m.Tier, offset, buffer[..n]);
+                        ReadCompressed(m.Entry, m.Tier, offset, buffer[..n], overlapChecked: true);
                     }
                     finally
                     {
@@ -528,6 +545,11 @@ internal sealed partial class QcowCore : IDisposable
             lock (_lock)
             {
                 m = MapLocked(offset, buffer.Length, stopAtInflight: false);
+                if (m.Kind == ClusterKind.Compressed)
+                {
+                    // Under the lock: a flush waiting for active I/O holds it, so a reader must not ask for it later.
+                    CheckCompressedOverlapLocked(m.Entry, m.Tier, offset);
+                }
                 if (m.Kind is ClusterKind.Normal or ClusterKind.Compressed)
                 {
                     Interlocked.Increment(ref _activeIo);
@@ -606,6 +628,10 @@ internal sealed partial class QcowCore : IDisposable
         if (_inflight.TryGetValue(guestCluster, out var pending))
         {
             return new WritePlan { Kind = PlanKind.Wait, WaitFor = pending.Task };
+        }
+        if (_extendedL2)
+        {
+            return PlanWriteExtended(offset, length);
         }
         var m = MapLocked(offset, length, stopAtInflight: true);
         if (m.Kind == ClusterKind.Normal && IsCopied(offset))
@@ -709,6 +735,10 @@ internal sealed partial class QcowCore : IDisposable
                     FreeCluster(old);
                 }
                 SetEntry(table, first + i, (ulong)(plan.Host + ((long)i << _clusterBits)) | ClusterLayout.Copied | TierBits(plan.Tier));
+                if (_extendedL2)
+                {
+                    SetBitmapAfterWrite(table, first + i, old, plan);
+                }
             }
             _l2.MarkDirty(l2Off);
             _needSyncBeforeL2 = true;
@@ -857,6 +887,11 @@ internal sealed partial class QcowCore : IDisposable
     private void FillAllocation(in WritePlan plan, ReadOnlySpan<byte> data)
     {
         var file = DataFile(plan.Tier);
+        if (plan.Reused && _extendedL2)
+        {
+            FillSubclusters(plan, data);
+            return;
+        }
         if (plan.CowCompressed != 0)
         {
             var merged = new byte[_clusterSize];
@@ -929,6 +964,11 @@ internal sealed partial class QcowCore : IDisposable
         CheckWritable();
         CheckRange(offset, length);
         TrackWrite(offset, length);
+        if (_extendedL2)
+        {
+            DiscardExtended(offset, length);
+            return;
+        }
         var start = (offset + _clusterSize - 1) & ~(long)(_clusterSize - 1);
         var end = offset + length == Size ? offset + length : (offset + length) & ~(long)(_clusterSize - 1);
         if (end <= start)
@@ -966,6 +1006,11 @@ internal sealed partial class QcowCore : IDisposable
     {
         CheckWritable();
         CheckRange(offset, length);
+        if (_extendedL2)
+        {
+            WriteZeroesExtended(offset, length, mayUnmap);
+            return;
+        }
         if (length == 0)
         {
             return;
@@ -1360,7 +1405,8 @@ internal sealed partial class QcowCore : IDisposable
             {
                 m = MapLocked(offset, end - offset, stopAtInflight: false);
             }
-            var host = m.Kind is ClusterKind.Normal or ClusterKind.ZeroAllocated ? m.Host : -1;
+            // Extended L2: a subcluster may be unallocated inside an allocated cluster, which has a host offset.
+            var host = m.Kind is ClusterKind.Normal or ClusterKind.ZeroAllocated || m.Kind == ClusterKind.Unallocated && _extendedL2 && m.Host > 0 ? m.Host : -1;
             if (result.Count > 0)
             {
                 var (ps, pl, pk, ph, pt) = result[^1];

@@ -58,6 +58,18 @@ internal static class QcowCreator
         {
             throw new ArgumentException("A tiered image cannot also use a QEMU external data file (data_file)", nameof(o));
         }
+        if (o.ExtendedL2 && o.Compat == QcowCompat.V2)
+        {
+            throw new ArgumentException("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)", nameof(o));
+        }
+        if (o.ExtendedL2 && o.ClusterSize < 16384)
+        {
+            throw new ArgumentException("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes", nameof(o));
+        }
+        if (o.ExtendedL2 && (o.Tier is not null || o.Preallocation != QcowPreallocation.Off))
+        {
+            throw new ArgumentException("Extended L2 entries cannot be combined with tiering or preallocation yet", nameof(o));
+        }
         if (size < 0 || size > QcowHeader.MaxVirtualSize)
         {
             throw new ArgumentOutOfRangeException(nameof(size), $"image size {size} is out of range");
@@ -100,7 +112,8 @@ internal static class QcowCreator
             CompatibleFeatures = o.LazyRefcounts ? QcowHeader.CompatLazyRefcounts : 0,
             // As QEMU: only a non-default compression type sets the field and incompatible bit 3.
             CompressionType = (byte)o.CompressionType,
-            IncompatibleFeatures = o.CompressionType == QcowCompressionType.Zstd ? QcowHeader.IncompatCompressionType : 0,
+            IncompatibleFeatures = (o.CompressionType == QcowCompressionType.Zstd ? QcowHeader.IncompatCompressionType : 0)
+                | (o.ExtendedL2 ? QcowHeader.IncompatExtendedL2 : 0),
         };
         if (o.BackingFile is not null && o.BackingFormat is not null)
         {

@@ -265,7 +265,7 @@ internal sealed class QcowHeader
         {
             ThrowHelper.Corrupt(file, OffsetL1Size, "l1_size", $"L1 table of {L1Size} entries is too large (QEMU's limit is {MaxL1Bytes / 8})");
         }
-        var l2Entries = cs / 8;
+        var l2Entries = cs / ((IncompatibleFeatures & IncompatExtendedL2) != 0 ? 16 : 8);
         var needed = CeilDiv(Size, (long)cs * l2Entries);
         if (L1Size < needed)
         {
