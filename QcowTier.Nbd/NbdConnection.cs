@@ -25,6 +25,7 @@ internal sealed partial class NbdConnection : IDisposable
     private readonly CancellationTokenSource _cts;
     private readonly SemaphoreSlim _credits;
     private readonly int _maxCredits;
+    private readonly int _inlineReadLimit;
     private readonly TaskCompletionSource _drained = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Stack<Request> _requestPool = new();
     private ReplySender? _sender;
@@ -49,6 +50,7 @@ internal sealed partial class NbdConnection : IDisposable
         // requests, and (beyond the first large one) about that many MiB of buffers, in progress.
         _maxCredits = Math.Max(options.MaxRequestsPerConnection, options.MaxPayload / CreditBytes + 1);
         _credits = new SemaphoreSlim(_maxCredits, _maxCredits);
+        _inlineReadLimit = options.InlineReadLimit;
     }
 
     /// <summary>Closes the socket now: pending sends and receives fail and the loops end.</summary>
@@ -118,8 +120,23 @@ internal sealed partial class NbdConnection : IDisposable
         var ct = _cts.Token;
         try
         {
-            while (await _in.EnsureAsync(Protocol.RequestHeaderLength, ct).ConfigureAwait(false))
+            var sender = _sender!;
+            var held = 0;
+            while (true)
             {
+                // Replies of requests run here wait while more requests are already received, then go out
+                // together; they never wait for the network, nor pile up beyond a few dozen.
+                if (_in.Available < Protocol.RequestHeaderLength || held >= 32)
+                {
+                    sender.Uncork();
+                    held = 0;
+                }
+                if (!await _in.EnsureAsync(Protocol.RequestHeaderLength, ct).ConfigureAwait(false))
+                {
+                    break;
+                }
+                sender.Cork();
+                held++;
                 var h = _in.Span;
                 var magic = BinaryPrimitives.ReadUInt32BigEndian(h);
                 var flags = BinaryPrimitives.ReadUInt16BigEndian(h[4..]);
@@ -145,6 +162,7 @@ internal sealed partial class NbdConnection : IDisposable
                     }
                     if (error != 0)
                     {
+                        sender.Uncork();
                         await _in.SkipAsync(length, ct).ConfigureAwait(false);
                     }
                 }
@@ -155,6 +173,10 @@ internal sealed partial class NbdConnection : IDisposable
                 }
                 var payloadBytes = type is Protocol.CmdRead or Protocol.CmdWrite ? (int)length : 0;
                 var credits = 1 + payloadBytes / CreditBytes;
+                if (_credits.CurrentCount < credits)
+                {
+                    sender.Uncork();
+                }
                 for (var i = 0; i < credits; i++)
                 {
                     await _credits.WaitAsync(ct).ConfigureAwait(false);
@@ -169,6 +191,10 @@ internal sealed partial class NbdConnection : IDisposable
                 if (type == Protocol.CmdWrite)
                 {
                     r.Payload = ArrayPool<byte>.Shared.Rent((int)length);
+                    if (_in.Available < length)
+                    {
+                        sender.Uncork();
+                    }
                     try
                     {
                         await _in.ReadExactAsync(r.Payload.AsMemory(0, (int)length), ct).ConfigureAwait(false);
@@ -180,7 +206,16 @@ internal sealed partial class NbdConnection : IDisposable
                     }
                 }
                 Interlocked.Increment(ref _inFlight);
-                ThreadPool.UnsafeQueueUserWorkItem(r, preferLocal: false);
+                if (type == Protocol.CmdRead && length <= _inlineReadLimit)
+                {
+                    // A small read from cache costs less than the hop to another thread; its reply waits
+                    // (corked) for the other requests already received, and they leave in one send.
+                    Execute(r);
+                }
+                else
+                {
+                    ThreadPool.UnsafeQueueUserWorkItem(r, preferLocal: false);
+                }
             }
         }
         catch (Exception e) when (IsDisconnect(e))
