@@ -307,7 +307,7 @@ internal sealed partial class NbdConnection
 
     private async Task ReplyAsync(uint option, uint type, byte[] payload, CancellationToken ct)
     {
-        var message = ArrayPool<byte>.Shared.Rent(20 + payload.Length);
+        var message = Buffers.Pool.Rent(20 + payload.Length);
         try
         {
             BinaryPrimitives.WriteUInt64BigEndian(message, Protocol.OptionReplyMagic);
@@ -319,7 +319,7 @@ internal sealed partial class NbdConnection
         }
         finally
         {
-            ArrayPool<byte>.Shared.Return(message);
+            Buffers.Pool.Return(message);
         }
     }
 

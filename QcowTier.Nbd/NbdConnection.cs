@@ -42,7 +42,7 @@ internal sealed partial class NbdConnection : IDisposable
         }
         // Large buffers let a 32 MiB reply or a deep queue of requests move with few system calls.
         TrySetBuffers(socket, 4 << 20);
-        _inBuffer = ArrayPool<byte>.Shared.Rent(256 << 10);
+        _inBuffer = Buffers.Pool.Rent(256 << 10);
         _in = new InputBuffer(socket, _inBuffer);
         _cts = CancellationTokenSource.CreateLinkedTokenSource(server.Stopping);
         var options = server.Options;
@@ -109,7 +109,7 @@ internal sealed partial class NbdConnection : IDisposable
         _socket.Dispose();
         _cts.Dispose();
         _credits.Dispose();
-        ArrayPool<byte>.Shared.Return(_inBuffer);
+        Buffers.Pool.Return(_inBuffer);
     }
 
     private static bool IsDisconnect(Exception e)
@@ -190,7 +190,7 @@ internal sealed partial class NbdConnection : IDisposable
                 r.Credits = credits;
                 if (type == Protocol.CmdWrite)
                 {
-                    r.Payload = ArrayPool<byte>.Shared.Rent((int)length);
+                    r.Payload = Buffers.Pool.Rent((int)length);
                     if (_in.Available < length)
                     {
                         sender.Uncork();
@@ -401,14 +401,14 @@ internal sealed partial class NbdConnection : IDisposable
             PostSimpleOrDone(r.Cookie);
             return;
         }
-        var buffer = ArrayPool<byte>.Shared.Rent(ReadPrefix + length);
+        var buffer = Buffers.Pool.Rent(ReadPrefix + length);
         try
         {
             _export.Image.Read(r.Offset, buffer.AsSpan(ReadPrefix, length));
         }
         catch
         {
-            ArrayPool<byte>.Shared.Return(buffer);
+            Buffers.Pool.Return(buffer);
             throw;
         }
         int start;
@@ -464,7 +464,7 @@ internal sealed partial class NbdConnection : IDisposable
             descriptors.RemoveRange(1, descriptors.Count - 1);
         }
         var payload = 4 + 8 * descriptors.Count;
-        var buffer = ArrayPool<byte>.Shared.Rent(Protocol.StructuredHeaderLength + payload);
+        var buffer = Buffers.Pool.Rent(Protocol.StructuredHeaderLength + payload);
         var span = buffer.AsSpan();
         WriteChunkHeader(span, Protocol.ReplyFlagDone, Protocol.ReplyTypeBlockStatus, r.Cookie, (uint)payload);
         BinaryPrimitives.WriteUInt32BigEndian(span[20..], Protocol.BaseAllocationId);
@@ -501,7 +501,7 @@ internal sealed partial class NbdConnection : IDisposable
 
     private void PostSimple(ulong cookie, uint error)
     {
-        var buffer = ArrayPool<byte>.Shared.Rent(Protocol.SimpleReplyLength);
+        var buffer = Buffers.Pool.Rent(Protocol.SimpleReplyLength);
         BinaryPrimitives.WriteUInt32BigEndian(buffer, Protocol.SimpleReplyMagic);
         BinaryPrimitives.WriteUInt32BigEndian(buffer.AsSpan(4), error);
         BinaryPrimitives.WriteUInt64BigEndian(buffer.AsSpan(8), cookie);
@@ -516,7 +516,7 @@ internal sealed partial class NbdConnection : IDisposable
             PostSimple(cookie, 0);
             return;
         }
-        var buffer = ArrayPool<byte>.Shared.Rent(Protocol.StructuredHeaderLength);
+        var buffer = Buffers.Pool.Rent(Protocol.StructuredHeaderLength);
         WriteChunkHeader(buffer, Protocol.ReplyFlagDone, Protocol.ReplyTypeNone, cookie, 0);
         _sender!.Post(buffer, 0, Protocol.StructuredHeaderLength);
     }
@@ -531,7 +531,7 @@ internal sealed partial class NbdConnection : IDisposable
         }
         var text = Encoding.UTF8.GetBytes(Truncate(message ?? ""));
         var payload = 6 + text.Length;
-        var buffer = ArrayPool<byte>.Shared.Rent(Protocol.StructuredHeaderLength + payload);
+        var buffer = Buffers.Pool.Rent(Protocol.StructuredHeaderLength + payload);
         var span = buffer.AsSpan();
         WriteChunkHeader(span, Protocol.ReplyFlagDone, Protocol.ReplyTypeError, cookie, (uint)payload);
         BinaryPrimitives.WriteUInt32BigEndian(span[20..], error);
@@ -591,7 +591,7 @@ internal sealed partial class NbdConnection : IDisposable
         if (r.Payload is { } payload)
         {
             r.Payload = null;
-            ArrayPool<byte>.Shared.Return(payload);
+            Buffers.Pool.Return(payload);
         }
         var credits = r.Credits;
         r.Credits = 0;

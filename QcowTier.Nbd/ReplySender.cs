@@ -19,7 +19,7 @@ internal sealed class ReplySender
 
     private readonly Socket _socket;
     private readonly ConcurrentQueue<Reply> _queue = new();
-    private readonly byte[] _batch = ArrayPool<byte>.Shared.Rent(BatchSize);
+    private readonly byte[] _batch = Buffers.Pool.Rent(BatchSize);
     private int _sending;
     private volatile bool _corked;
     private volatile bool _broken;
@@ -64,7 +64,7 @@ internal sealed class ReplySender
             }
             await Task.Delay(1).ConfigureAwait(false);
         }
-        ArrayPool<byte>.Shared.Return(_batch);
+        Buffers.Pool.Return(_batch);
     }
 
     private void TrySend()
@@ -85,7 +85,7 @@ internal sealed class ReplySender
             {
                 if (_broken)
                 {
-                    ArrayPool<byte>.Shared.Return(r.Buffer);
+                    Buffers.Pool.Return(r.Buffer);
                     continue;
                 }
                 if (r.Count <= CoalesceLimit)
@@ -97,7 +97,7 @@ internal sealed class ReplySender
                     }
                     r.Buffer.AsSpan(r.Offset, r.Count).CopyTo(_batch.AsSpan(used));
                     used += r.Count;
-                    ArrayPool<byte>.Shared.Return(r.Buffer);
+                    Buffers.Pool.Return(r.Buffer);
                     continue;
                 }
                 if (used > 0)
@@ -111,7 +111,7 @@ internal sealed class ReplySender
                 }
                 finally
                 {
-                    ArrayPool<byte>.Shared.Return(r.Buffer);
+                    Buffers.Pool.Return(r.Buffer);
                 }
             }
             if (used > 0)

@@ -91,23 +91,27 @@ for _ in $(seq 100); do [[ -S "$QSOCK" && -S "$TSOCK" ]] && break; sleep 0.1; do
 [[ -S "$TSOCK" ]] || die "qcowtier serve did not start: $(cat "$RUN/qcowtier.err")"
 uri() { echo "nbd+unix:///?socket=$1"; }
 
-# fio's nbd engine; prints "IOPS MiB/s".
+# Server CPU time (user + system) in clock ticks: the load-independent half of the comparison.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
+
+# fio's nbd engine; prints "IOPS MiB/s ops".
 fio_run() { # socket rw bs depth
     local out
     out=$(fio --name=nbd --ioengine=nbd --uri="$(uri "$1")" --rw="$2" --bs="$3" --iodepth="$4" \
-        --size="${SIZE_MB}M" --time_based --runtime="$RUNTIME" --ramp_time=1 --numjobs=1 \
+        --size="${SIZE_MB}M" --time_based --runtime="$RUNTIME" --numjobs=1 \
         --randrepeat=0 --norandommap --output-format=json 2>>"$RUN/fio.err") || die "fio failed: $(tail -5 "$RUN/fio.err")"
     # The nbd engine prints "fio: connected to NBD server" before the JSON.
-    python3 -c 'import json,sys; s=sys.stdin.read(); r=json.loads(s[s.index("{"):])["jobs"][0]["read"]; print("%.0f %.1f" % (r["iops"], r["bw_bytes"]/1048576))' <<<"$out"
+    python3 -c 'import json,sys; s=sys.stdin.read(); r=json.loads(s[s.index("{"):])["jobs"][0]["read"]; print("%.0f %.1f %d" % (r["iops"], r["bw_bytes"]/1048576, r["total_ios"]))' <<<"$out"
 }
 
-# nbdcopy export -> null:; prints MiB/s.
+# nbdcopy export -> null:; prints "MiB/s" and, as ops, the MiB copied (CPU is then per MiB).
 copy_run() { # socket
     local s e
     s=$(date +%s.%N)
     nbdcopy "$(uri "$1")" null: || die "nbdcopy failed"
     e=$(date +%s.%N)
-    python3 -c "print('%.1f' % ($SIZE_MB / ($e - $s)))"
+    python3 -c "print('%.1f %.1f %d' % ($SIZE_MB / ($e - $s), $SIZE_MB / ($e - $s), $SIZE_MB))"
 }
 
 declare -A RES
@@ -118,13 +122,18 @@ fio_run "$TSOCK" randread 4k 16 >/dev/null
 for ((rep = 1; rep <= REPS; rep++)); do
     for c in "${CASES[@]}"; do
         for server in qemu-nbd qcowtier; do
-            sock=$QSOCK; [[ $server == qcowtier ]] && sock=$TSOCK
+            sock=$QSOCK; pid=$QPID
+            [[ $server == qcowtier ]] && sock=$TSOCK && pid=$TPID
+            c0=$(cpu_ticks "$pid")
             if [[ $c == nbdcopy ]]; then
                 v=$(copy_run "$sock")
             else
                 read -r rw bs depth <<<"$c"
                 v=$(fio_run "$sock" "$rw" "$bs" "$depth")
             fi
+            c1=$(cpu_ticks "$pid")
+            # Appends the server's CPU microseconds per op (per MiB for nbdcopy).
+            v="$v $(python3 -c "print('%.2f' % (($c1 - $c0) * 1e6 / $TICK / max(1, ${v##* })))")"
             RES["$c|$server"]+="$v;"
             log "rep $rep  $c  $server: $v"
         done
@@ -140,9 +149,10 @@ echo "Machine: $(nproc) cores, $CPU, $(awk '/MemTotal/ {printf "%.1f GiB", $2/10
 echo "$(qemu-nbd --version | head -1); $(fio --version); nbdcopy $(nbdcopy --version | head -1 | awk '{print $2}'); commit $(git -C "$ROOT" rev-parse --short HEAD)."
 echo "Image: ${SIZE_MB} MiB qcow2, fully allocated, 64 KiB clusters, in the page cache; both servers read-only, cache=writeback,"
 echo "Unix sockets, one connection per fio job; $REPS interleaved repetitions of ${RUNTIME} s (fio) per case; medians (min–max)."
+echo "Server CPU: user+system time of the server process during the run over the ops completed (lower is better; CPU ratio below 1 means qcowtier spends less)."
 echo
-echo "| Case | qemu-nbd | qcowtier serve | qcowtier / qemu-nbd |"
-echo "|---|---:|---:|---:|"
+echo "| Case | qemu-nbd | qcowtier serve | qcowtier / qemu-nbd | server CPU µs/op, qemu-nbd | server CPU µs/op, qcowtier | CPU ratio |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
 for c in "${CASES[@]}"; do
     python3 - "$c" "${RES["$c|qemu-nbd"]}" "${RES["$c|qcowtier"]}" <<'EOF'
 import statistics, sys
@@ -151,13 +161,15 @@ def parse(s):
     return [[float(x) for x in v.split()] for v in s.split(";") if v.strip()]
 q, t = parse(q), parse(t)
 if case == "nbdcopy":
-    label, col, unit = "nbdcopy export → null: (MiB/s)", 0, "MiB/s"
+    label, col, unit = "nbdcopy export → null: (MiB/s; CPU per MiB)", 0, "MiB/s"
 elif case.startswith("randread"):
     label, col, unit = "fio randread 4 KiB, iodepth 16 (IOPS)", 0, "IOPS"
 else:
     label, col, unit = "fio read 64 KiB sequential, iodepth 16 (MiB/s)", 1, "MiB/s"
 qv = [r[col] for r in q]; tv = [r[col] for r in t]
 fmt = lambda v: f"{statistics.median(v):,.0f} ({min(v):,.0f}–{max(v):,.0f})"
-print(f"| {label} | {fmt(qv)} | {fmt(tv)} | **{statistics.median(tv) / statistics.median(qv):.2f}×** |")
+qc = [r[3] for r in q]; tc = [r[3] for r in t]
+fc = lambda v: f"{statistics.median(v):.1f}"
+print(f"| {label} | {fmt(qv)} | {fmt(tv)} | **{statistics.median(tv) / statistics.median(qv):.2f}×** | {fc(qc)} | {fc(tc)} | {statistics.median(tc) / statistics.median(qc):.2f} |")
 EOF
 done
