@@ -1,5 +1,6 @@
 using System.Buffers;
 using System.Buffers.Binary;
+using System.Diagnostics;
 using System.Net.Sockets;
 using System.Text;
 
@@ -26,6 +27,9 @@ internal sealed partial class NbdConnection : IDisposable
     private readonly SemaphoreSlim _credits;
     private readonly int _maxCredits;
     private readonly int _inlineReadLimit;
+    private static readonly TimeSpan SlowInlineRead = TimeSpan.FromMicroseconds(200);
+    private long _requests;
+    private long _dispatchUntil;
     private readonly TaskCompletionSource _drained = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Stack<Request> _requestPool = new();
     private ReplySender? _sender;
@@ -206,11 +210,19 @@ internal sealed partial class NbdConnection : IDisposable
                     }
                 }
                 Interlocked.Increment(ref _inFlight);
-                if (type == Protocol.CmdRead && length <= _inlineReadLimit)
+                _requests++;
+                if (type == Protocol.CmdRead && length <= _inlineReadLimit && _requests >= _dispatchUntil)
                 {
                     // A small read from cache costs less than the hop to another thread; its reply waits
-                    // (corked) for the other requests already received, and they leave in one send.
+                    // (corked) for the other requests already received, and they leave in one send. A read
+                    // that had to wait for a disk (an HDD tier) would hold up every request behind it, so
+                    // after a slow one the next reads go to the thread pool, where they overlap.
+                    var started = Stopwatch.GetTimestamp();
                     Execute(r);
+                    if (Stopwatch.GetElapsedTime(started) > SlowInlineRead)
+                    {
+                        _dispatchUntil = _requests + 256;
+                    }
                 }
                 else
                 {

@@ -29,8 +29,9 @@ public sealed class NbdServerOptions
     /// <summary>
     /// Reads up to this many bytes run on the connection's own reader instead of the thread pool (default
     /// 16 KiB). For images in the page cache or on SSD that saves a thread hop per request, the larger
-    /// part of a small read's cost; when exports live on slow disks, where reads of one client should
-    /// overlap, set 0.
+    /// part of a small read's cost. After a read that took long (it waited for a disk, e.g. an HDD
+    /// tier) the next few hundred go to the thread pool anyway, so that a client's reads overlap; 0 sends
+    /// every read there.
     /// </summary>
     public int InlineReadLimit { get; init; } = 16 << 10;
 

@@ -253,4 +253,20 @@ public sealed class NbdClientTests
         ia.Read(0, buffer);
         buffer.Should().OnlyContain(x => x == 9);
     }
+
+    [Fact]
+    public async Task Heat_is_saved_periodically_while_serving()
+    {
+        using var dir = new TempDir();
+        var path = dir.File("disk.qcow2");
+        var heatPath = dir.File("disk.heat");
+        Qemu.Img("create", "-q", "-f", "qcow2", path, "16M").EnsureSuccess();
+        await using var s = Served.Start(dir, path, heat: heatPath, options: new NbdServerOptions { HeatSaveInterval = TimeSpan.FromMilliseconds(100) });
+        NbdTools.QemuIo(s.Uri, "write -f -P 2 0 256k", "read 0 256k").EnsureSuccess();
+        for (var i = 0; i < 100 && !(File.Exists(heatPath) && QcowTier.HeatMap.Load(heatPath).TotalReads > 0); i++)
+        {
+            await Task.Delay(50);
+        }
+        QcowTier.HeatMap.Load(heatPath).TotalReads.Should().BeGreaterThan(0, "saved while the server still runs");
+    }
 }
