@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compares qemu-nbd and `qcowtier serve` serving the same cached qcow2 image, in one run, interleaved
 # (A B A B ...): fio's nbd engine (ioengine=nbd, one connection) for 4 KiB random reads at iodepth 16
-# and 64 KiB sequential reads, plus nbdcopy throughput (export -> null:). Both servers run read-only
+# and 64 KiB sequential reads, plus nbdcopy throughput (export -> null:, with its default 4 connections
+# and with one). Both servers run read-only
 # side by side (shared image locks), each on its own Unix socket, with cache=writeback.
 # Prints the machine, median figures and ratios (qcowtier / qemu-nbd: above 1 means qcowtier is
 # faster) as Markdown.
@@ -106,16 +107,17 @@ fio_run() { # socket rw bs depth
 }
 
 # nbdcopy export -> null:; prints "MiB/s" and, as ops, the MiB copied (CPU is then per MiB).
-copy_run() { # socket
-    local s e
+copy_run() { # socket [nbdcopy options]
+    local s e sock=$1
+    shift
     s=$(date +%s.%N)
-    nbdcopy "$(uri "$1")" null: || die "nbdcopy failed"
+    nbdcopy "$@" "$(uri "$sock")" null: || die "nbdcopy failed"
     e=$(date +%s.%N)
     python3 -c "print('%.1f %.1f %d' % ($SIZE_MB / ($e - $s), $SIZE_MB / ($e - $s), $SIZE_MB))"
 }
 
 declare -A RES
-CASES=("randread 4k 16" "read 64k 16" "nbdcopy")
+CASES=("randread 4k 16" "read 64k 16" "nbdcopy" "nbdcopy1")
 log "warm-up"
 fio_run "$QSOCK" randread 4k 16 >/dev/null
 fio_run "$TSOCK" randread 4k 16 >/dev/null
@@ -127,6 +129,8 @@ for ((rep = 1; rep <= REPS; rep++)); do
             c0=$(cpu_ticks "$pid")
             if [[ $c == nbdcopy ]]; then
                 v=$(copy_run "$sock")
+            elif [[ $c == nbdcopy1 ]]; then
+                v=$(copy_run "$sock" --connections=1)
             else
                 read -r rw bs depth <<<"$c"
                 v=$(fio_run "$sock" "$rw" "$bs" "$depth")
@@ -161,7 +165,9 @@ def parse(s):
     return [[float(x) for x in v.split()] for v in s.split(";") if v.strip()]
 q, t = parse(q), parse(t)
 if case == "nbdcopy":
-    label, col, unit = "nbdcopy export → null: (MiB/s; CPU per MiB)", 0, "MiB/s"
+    label, col, unit = "nbdcopy export → null:, its default 4 connections (MiB/s; CPU per MiB)", 0, "MiB/s"
+elif case == "nbdcopy1":
+    label, col, unit = "nbdcopy export → null:, --connections=1 (MiB/s; CPU per MiB)", 0, "MiB/s"
 elif case.startswith("randread"):
     label, col, unit = "fio randread 4 KiB, iodepth 16 (IOPS)", 0, "IOPS"
 else:

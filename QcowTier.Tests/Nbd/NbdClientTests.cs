@@ -78,6 +78,10 @@ public sealed class NbdClientTests
             export.GetProperty("is_read_only").GetBoolean().Should().BeTrue();
             export.GetProperty("can_multi_conn").GetBoolean().Should().BeTrue();
             export.GetProperty("block_size_preferred").GetInt64().Should().Be(65536);
+            export.GetProperty("block_size_minimum").GetInt64().Should().Be(1);
+            export.GetProperty("block_size_maximum").GetInt64().Should().Be(32 << 20);
+            export.GetProperty("description").GetString().Should().Be("test disk");
+            export.GetProperty("contexts").EnumerateArray().Select(c => c.GetString()).Should().Equal("base:allocation");
         }
 
         var map = NbdTools.Run("nbdinfo", "--map", "--json", s.Uri).EnsureSuccess();

@@ -344,4 +344,23 @@ public sealed class NbdHostileTests
         BinaryPrimitives.ReadUInt32BigEndian(chunk.Payload.AsSpan(4)).Should().BeLessThanOrEqualTo(1000);
         BinaryPrimitives.ReadUInt32BigEndian(chunk.Payload.AsSpan(8)).Should().Be(0);
     }
+
+    [Fact]
+    public async Task Export_name_option_sends_the_zeroes_unless_told_not_to()
+    {
+        await using var s = Served.Blank("8M");
+        foreach (var (clientFlags, replyLength) in new[] { (1u, 134), (3u, 10) })
+        {
+            using var c = new RawNbdClient(s.Socket);
+            (c.Greet(clientFlags) & 3).Should().Be(3, "fixed newstyle and no-zeroes offered");
+            c.SendOption(1, []);
+            var reply = c.Receive(replyLength);
+            BinaryPrimitives.ReadUInt64BigEndian(reply).Should().Be(8 << 20);
+            reply.Skip(10).All(b => b == 0).Should().BeTrue();
+            c.SendRequest(Read, 0, 512, cookie: 5);
+            c.ReadSimpleReply().Should().Be((0u, 5ul), "straight into transmission, in sync");
+            c.Receive(512);
+        }
+        await GoodClientStillWorks(s);
+    }
 }
