@@ -172,7 +172,7 @@ internal sealed partial class NbdConnection : IDisposable
                 }
                 if (error != 0)
                 {
-                    PostError(cookie, type, error, message);
+                    PostError(cookie, error, message);
                     continue;
                 }
                 var payloadBytes = type is Protocol.CmdRead or Protocol.CmdWrite ? (int)length : 0;
@@ -371,7 +371,7 @@ internal sealed partial class NbdConnection : IDisposable
                 case Protocol.CmdWriteZeroes:
                     if ((r.Flags & Protocol.CmdFlagFastZero) != 0 && !_export.FastZero)
                     {
-                        PostError(r.Cookie, r.Type, Protocol.ENotSup, "zeroing is no faster than writing on this image");
+                        PostError(r.Cookie, Protocol.ENotSup, "zeroing is no faster than writing on this image");
                         return;
                     }
                     image.WriteZeroes(r.Offset, r.Length, mayUnmap: (r.Flags & Protocol.CmdFlagNoHole) == 0);
@@ -385,7 +385,7 @@ internal sealed partial class NbdConnection : IDisposable
         }
         catch (Exception e) when (e is not OutOfMemoryException)
         {
-            PostError(r.Cookie, r.Type, ErrnoOf(e), e.Message);
+            PostError(r.Cookie, ErrnoOf(e), e.Message);
         }
         finally
         {
@@ -533,7 +533,7 @@ internal sealed partial class NbdConnection : IDisposable
         _sender!.Post(buffer, 0, Protocol.StructuredHeaderLength);
     }
 
-    private void PostError(ulong cookie, ushort type, uint error, string? message)
+    private void PostError(ulong cookie, uint error, string? message)
     {
         if (!_structured)
         {
@@ -550,7 +550,6 @@ internal sealed partial class NbdConnection : IDisposable
         BinaryPrimitives.WriteUInt16BigEndian(span[24..], (ushort)text.Length);
         text.CopyTo(span[26..]);
         _sender!.Post(buffer, 0, Protocol.StructuredHeaderLength + payload);
-        _ = type;
     }
 
     private static void WriteChunkHeader(Span<byte> span, ushort flags, ushort type, ulong cookie, uint length)

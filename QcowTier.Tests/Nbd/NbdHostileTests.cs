@@ -363,4 +363,58 @@ public sealed class NbdHostileTests
         }
         await GoodClientStillWorks(s);
     }
+
+    [Fact]
+    public async Task Stopping_in_the_middle_of_a_burst_answers_what_was_read_and_keeps_it()
+    {
+        await using var s = Served.Blank("64M");
+        using var c = new RawNbdClient(s.Socket);
+        c.Go();
+        const int count = 200;
+        var payload = new byte[64 << 10];
+        var sender = Task.Run(() =>
+        {
+            try
+            {
+                for (var i = 0; i < count; i++)
+                {
+                    Array.Fill(payload, (byte)(i + 1));
+                    c.SendRequest(Write, (ulong)i * (64 << 10), 64 << 10, cookie: (ulong)i);
+                    c.Send(payload);
+                }
+            }
+            catch (System.Net.Sockets.SocketException)
+            {
+                // The server stopped reading and closed: the rest of the burst has nowhere to go.
+            }
+        });
+        // Some replies first, so that the stop lands in the middle of the burst.
+        var acknowledged = new List<int>();
+        for (var i = 0; i < 10; i++)
+        {
+            var (error, cookie) = c.ReadSimpleReply();
+            error.Should().Be(0);
+            acknowledged.Add((int)cookie);
+        }
+        var stop = s.StopAsync();
+        try
+        {
+            while (true)
+            {
+                var (error, cookie) = c.ReadSimpleReply();
+                error.Should().Be(0, "requests read before the stop are carried out, not failed");
+                acknowledged.Add((int)cookie);
+            }
+        }
+        catch (Exception e) when (e is EndOfStreamException or System.Net.Sockets.SocketException)
+        {
+        }
+        await stop;
+        await sender;
+        acknowledged.Should().OnlyHaveUniqueItems();
+        // Flushed by the stop, with the image still open: every acknowledged write is in the file.
+        Qemu.Img("check", "-U", "-f", "qcow2", s.ImagePath).EnsureSuccess();
+        var reads = acknowledged.Take(40).Select(i => $"read -P {i + 1} {i * 64}k 64k").ToArray();
+        Qemu.Io(["-U", "-r", "-f", "qcow2", .. reads.SelectMany(r => new[] { "-c", r }), s.ImagePath]).EnsureSuccess();
+    }
 }
