@@ -27,7 +27,7 @@ internal sealed partial class NbdConnection : IDisposable
     private readonly SemaphoreSlim _credits;
     private readonly int _maxCredits;
     private readonly int _inlineReadLimit;
-    private static readonly TimeSpan SlowInlineRead = TimeSpan.FromMicroseconds(200);
+    private const long SlowInlineReadTicks = 100 * TimeSpan.TicksPerMillisecond / 1000;
     private long _requests;
     private long _dispatchUntil;
     private readonly TaskCompletionSource _drained = new(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -126,14 +126,16 @@ internal sealed partial class NbdConnection : IDisposable
         {
             var sender = _sender!;
             var held = 0;
+            long heldBytes = 0;
             while (true)
             {
                 // Replies of requests run here wait while more requests are already received, then go out
-                // together; they never wait for the network, nor pile up beyond a few dozen.
-                if (_in.Available < Protocol.RequestHeaderLength || held >= 32)
+                // together; they never wait for the network, nor pile up beyond a few dozen or 256 KiB.
+                if (_in.Available < Protocol.RequestHeaderLength || held >= 32 || heldBytes >= 256 << 10)
                 {
                     sender.Uncork();
                     held = 0;
+                    heldBytes = 0;
                 }
                 if (!await _in.EnsureAsync(Protocol.RequestHeaderLength, ct).ConfigureAwait(false))
                 {
@@ -218,8 +220,11 @@ internal sealed partial class NbdConnection : IDisposable
                     // that had to wait for a disk (an HDD tier) would hold up every request behind it, so
                     // after a slow one the next reads go to the thread pool, where they overlap.
                     var started = Stopwatch.GetTimestamp();
+                    heldBytes += length;
                     Execute(r);
-                    if (Stopwatch.GetElapsedTime(started) > SlowInlineRead)
+                    // Slow: 100 µs plus 1 ns per byte (1 GB/s). A read from the page cache is several
+                    // times faster than that at any size, one that waited for an HDD far slower.
+                    if (Stopwatch.GetElapsedTime(started).Ticks > SlowInlineReadTicks + length / 100)
                     {
                         _dispatchUntil = _requests + 256;
                     }
