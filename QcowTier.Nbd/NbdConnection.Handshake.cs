@@ -85,10 +85,13 @@ internal sealed partial class NbdConnection
                     }
                     foreach (var e in _server.ExportStates)
                     {
+                        // The name, then the description for humans (libnbd shows it as the export's description).
                         var name = Encoding.UTF8.GetBytes(e.Name);
-                        var payload = new byte[4 + name.Length];
+                        var description = Encoding.UTF8.GetBytes(Truncate(e.Export.Description ?? ""));
+                        var payload = new byte[4 + name.Length + description.Length];
                         BinaryPrimitives.WriteUInt32BigEndian(payload, (uint)name.Length);
                         name.CopyTo(payload, 4);
+                        description.CopyTo(payload, 4 + name.Length);
                         await ReplyAsync(option, Protocol.RepServer, payload, ct).ConfigureAwait(false);
                     }
                     await ReplyAsync(option, Protocol.RepAck, [], ct).ConfigureAwait(false);
@@ -307,7 +310,7 @@ internal sealed partial class NbdConnection
 
     private async Task ReplyAsync(uint option, uint type, byte[] payload, CancellationToken ct)
     {
-        var message = ArrayPool<byte>.Shared.Rent(20 + payload.Length);
+        var message = Buffers.Pool.Rent(20 + payload.Length);
         try
         {
             BinaryPrimitives.WriteUInt64BigEndian(message, Protocol.OptionReplyMagic);
@@ -319,7 +322,7 @@ internal sealed partial class NbdConnection
         }
         finally
         {
-            ArrayPool<byte>.Shared.Return(message);
+            Buffers.Pool.Return(message);
         }
     }
 

@@ -26,6 +26,15 @@ public sealed class NbdServerOptions
     /// <summary>Requests one connection may have in progress at once; the server stops reading from it beyond that.</summary>
     public int MaxRequestsPerConnection { get; init; } = 128;
 
+    /// <summary>
+    /// Reads up to this many bytes run on the connection's own reader instead of the thread pool (default
+    /// 16 KiB). For images in the page cache or on SSD that saves a thread hop per request, the larger
+    /// part of a small read's cost. After a read that took long (it waited for a disk, e.g. an HDD tier)
+    /// the next few hundred go to the thread pool anyway, so that a client's reads overlap; 0 sends every
+    /// read there. Larger limits helped one streaming connection and hurt several (docs/BENCHMARKS.md).
+    /// </summary>
+    public int InlineReadLimit { get; init; } = 16 << 10;
+
     /// <summary>How often heat maps of exports with a <see cref="NbdExport.HeatFile"/> are saved while serving.</summary>
     public TimeSpan HeatSaveInterval { get; init; } = TimeSpan.FromSeconds(60);
 

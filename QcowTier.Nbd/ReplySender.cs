@@ -1,33 +1,31 @@
 using System.Buffers;
+using System.Collections.Concurrent;
 using System.Net.Sockets;
-using System.Threading.Channels;
 
 namespace QcowTier.Nbd;
 
 /// <summary>
-/// The one writer of a connection's socket. Workers post finished replies (pooled buffers whose ownership
-/// passes here); the sender coalesces small ones into one send and writes large ones straight from their
-/// buffer, so replies never interleave and a burst of small replies costs one system call.
+/// The one writer of a connection's socket. Whoever posts a reply while nobody is sending becomes the
+/// sender and drains the queue (a combining lock: no sender thread, no wake-ups, no thread hops); others
+/// only enqueue. Small replies are coalesced into one send, large ones go straight from their buffer, so
+/// replies never interleave and a burst of replies costs one system call. While the reader is
+/// <see cref="Cork"/>ed (working through requests already received), replies wait for
+/// <see cref="Uncork"/>, which sends them together.
 /// </summary>
 internal sealed class ReplySender
 {
     private const int CoalesceLimit = 16 << 10;
+    private const int BatchSize = 256 << 10;
 
     private readonly Socket _socket;
-    private readonly Channel<Reply> _channel = Channel.CreateUnbounded<Reply>(new UnboundedChannelOptions
-    {
-        SingleReader = true,
-        // The worker that posts a reply usually finds the sender idle and sends it itself: one thread hop less.
-        AllowSynchronousContinuations = true,
-    });
-    private readonly Task _loop;
+    private readonly ConcurrentQueue<Reply> _queue = new();
+    private readonly byte[] _batch = Buffers.Pool.Rent(BatchSize);
+    private int _sending;
+    private volatile bool _corked;
     private volatile bool _broken;
+    private Task _drain = Task.CompletedTask;
 
-    public ReplySender(Socket socket)
-    {
-        _socket = socket;
-        _loop = RunAsync();
-    }
+    public ReplySender(Socket socket) => _socket = socket;
 
     /// <summary>Whether sending failed (the client went away); later replies are dropped.</summary>
     public bool Broken => _broken;
@@ -35,71 +33,97 @@ internal sealed class ReplySender
     /// <summary>Queues bytes [offset, offset+count) of a pooled buffer, which the sender returns to the pool.</summary>
     public void Post(byte[] buffer, int offset, int count)
     {
-        if (!_channel.Writer.TryWrite(new Reply(buffer, offset, count)))
+        _queue.Enqueue(new Reply(buffer, offset, count));
+        if (!_corked)
         {
-            ArrayPool<byte>.Shared.Return(buffer);
+            TrySend();
         }
     }
 
-    /// <summary>Sends what is queued, then completes.</summary>
-    public Task CompleteAsync()
+    /// <summary>Holds replies back until <see cref="Uncork"/> (only the reader corks).</summary>
+    public void Cork() => _corked = true;
+
+    /// <summary>Sends what was held back.</summary>
+    public void Uncork()
     {
-        _channel.Writer.TryComplete();
-        return _loop;
+        _corked = false;
+        TrySend();
     }
 
-    private async Task RunAsync()
+    /// <summary>Sends everything queued (the caller guarantees nothing more is posted), then releases the buffers.</summary>
+    public async Task CompleteAsync()
     {
-        await Task.Yield();
-        var reader = _channel.Reader;
-        var batch = ArrayPool<byte>.Shared.Rent(256 << 10);
-        try
+        _corked = false;
+        while (true)
         {
-            while (await reader.WaitToReadAsync().ConfigureAwait(false))
+            TrySend();
+            await _drain.ConfigureAwait(false);
+            if (_queue.IsEmpty && Volatile.Read(ref _sending) == 0)
             {
-                var used = 0;
-                while (reader.TryRead(out var r))
+                break;
+            }
+            await Task.Delay(1).ConfigureAwait(false);
+        }
+        Buffers.Pool.Return(_batch);
+    }
+
+    private void TrySend()
+    {
+        if (!_queue.IsEmpty && Interlocked.CompareExchange(ref _sending, 1, 0) == 0)
+        {
+            _drain = DrainAsync();
+        }
+    }
+
+    /// <summary>Runs with <see cref="_sending"/> held; completes synchronously (and allocation-free) unless the socket is full.</summary>
+    private async Task DrainAsync()
+    {
+        while (true)
+        {
+            var used = 0;
+            while (_queue.TryDequeue(out var r))
+            {
+                if (_broken)
                 {
-                    if (_broken)
+                    Buffers.Pool.Return(r.Buffer);
+                    continue;
+                }
+                if (r.Count <= CoalesceLimit)
+                {
+                    if (used + r.Count > _batch.Length)
                     {
-                        ArrayPool<byte>.Shared.Return(r.Buffer);
-                        continue;
-                    }
-                    if (r.Count <= CoalesceLimit)
-                    {
-                        if (used + r.Count > batch.Length)
-                        {
-                            await SendAsync(batch.AsMemory(0, used)).ConfigureAwait(false);
-                            used = 0;
-                        }
-                        r.Buffer.AsSpan(r.Offset, r.Count).CopyTo(batch.AsSpan(used));
-                        used += r.Count;
-                        ArrayPool<byte>.Shared.Return(r.Buffer);
-                        continue;
-                    }
-                    if (used > 0)
-                    {
-                        await SendAsync(batch.AsMemory(0, used)).ConfigureAwait(false);
+                        await SendAsync(_batch.AsMemory(0, used)).ConfigureAwait(false);
                         used = 0;
                     }
-                    try
-                    {
-                        await SendAsync(r.Buffer.AsMemory(r.Offset, r.Count)).ConfigureAwait(false);
-                    }
-                    finally
-                    {
-                        ArrayPool<byte>.Shared.Return(r.Buffer);
-                    }
+                    r.Buffer.AsSpan(r.Offset, r.Count).CopyTo(_batch.AsSpan(used));
+                    used += r.Count;
+                    Buffers.Pool.Return(r.Buffer);
+                    continue;
                 }
                 if (used > 0)
                 {
-                    await SendAsync(batch.AsMemory(0, used)).ConfigureAwait(false);
+                    await SendAsync(_batch.AsMemory(0, used)).ConfigureAwait(false);
+                    used = 0;
+                }
+                try
+                {
+                    await SendAsync(r.Buffer.AsMemory(r.Offset, r.Count)).ConfigureAwait(false);
+                }
+                finally
+                {
+                    Buffers.Pool.Return(r.Buffer);
                 }
             }
-        }
-        finally
-        {
-            ArrayPool<byte>.Shared.Return(batch);
+            if (used > 0)
+            {
+                await SendAsync(_batch.AsMemory(0, used)).ConfigureAwait(false);
+            }
+            Interlocked.Exchange(ref _sending, 0); // a full fence: the checks below must not move above it
+            // A reply posted after the queue looked empty but before the flag dropped would be stranded.
+            if (_queue.IsEmpty || _corked || Interlocked.CompareExchange(ref _sending, 1, 0) != 0)
+            {
+                return;
+            }
         }
     }
 

@@ -26,6 +26,8 @@ internal sealed class ServeCommand : Command
                                saved every --heat-interval seconds (default 60) and at exit
           -e, --shared N       clients served at once (default 64)
           --cache MODE         none (O_DIRECT) or writeback (default)
+          --inline-read-limit N  reads up to N bytes run on the connection's thread (default 16384);
+                               after a slow read (a disk, not the cache) the next ones overlap anyway
           -U, --force-share    open without QEMU's image locks
 
         """;
@@ -33,7 +35,7 @@ internal sealed class ServeCommand : Command
     public override int Run(IReadOnlyList<string> args, CliContext ctx)
     {
         var o = new OptionParser("p:b:rx:e:U", ("socket", true), ("cache", true), ("port", true), ("bind", true), ("read-only", false),
-            ("export-name", true), ("record-heat", true), ("heat-interval", true), ("shared", true), ("force-share", false)).Parse(args);
+            ("export-name", true), ("record-heat", true), ("heat-interval", true), ("shared", true), ("force-share", false), ("inline-read-limit", true)).Parse(args);
         if (o.WantsHelp)
         {
             return PrintHelp(ctx);
@@ -70,6 +72,7 @@ internal sealed class ServeCommand : Command
             TcpEndPoint = o.Get("socket") is null ? ParseEndPoint(o) : null,
             MaxConnections = ParseInt(o.Get("e") ?? o.Get("shared"), "--shared", 64),
             HeatSaveInterval = TimeSpan.FromSeconds(ParseInt(o.Get("heat-interval"), "--heat-interval", 60)),
+            InlineReadLimit = ParseInt(o.Get("inline-read-limit"), "--inline-read-limit", 16 << 10, max: NbdServerOptions.DefaultMaxPayload, min: 0),
         };
         if (o.Get("socket") is not null && (o.Has("p") || o.Has("port") || o.Has("b") || o.Has("bind")))
         {

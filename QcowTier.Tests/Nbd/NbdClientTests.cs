@@ -78,6 +78,10 @@ public sealed class NbdClientTests
             export.GetProperty("is_read_only").GetBoolean().Should().BeTrue();
             export.GetProperty("can_multi_conn").GetBoolean().Should().BeTrue();
             export.GetProperty("block_size_preferred").GetInt64().Should().Be(65536);
+            export.GetProperty("block_size_minimum").GetInt64().Should().Be(1);
+            export.GetProperty("block_size_maximum").GetInt64().Should().Be(32 << 20);
+            export.GetProperty("description").GetString().Should().Be("test disk");
+            export.GetProperty("contexts").EnumerateArray().Select(c => c.GetString()).Should().Equal("base:allocation");
         }
 
         var map = NbdTools.Run("nbdinfo", "--map", "--json", s.Uri).EnsureSuccess();
@@ -252,5 +256,21 @@ public sealed class NbdClientTests
         var buffer = new byte[1 << 20];
         ia.Read(0, buffer);
         buffer.Should().OnlyContain(x => x == 9);
+    }
+
+    [Fact]
+    public async Task Heat_is_saved_periodically_while_serving()
+    {
+        using var dir = new TempDir();
+        var path = dir.File("disk.qcow2");
+        var heatPath = dir.File("disk.heat");
+        Qemu.Img("create", "-q", "-f", "qcow2", path, "16M").EnsureSuccess();
+        await using var s = Served.Start(dir, path, heat: heatPath, options: new NbdServerOptions { HeatSaveInterval = TimeSpan.FromMilliseconds(100) });
+        NbdTools.QemuIo(s.Uri, "write -f -P 2 0 256k", "read 0 256k").EnsureSuccess();
+        for (var i = 0; i < 100 && !(File.Exists(heatPath) && QcowTier.HeatMap.Load(heatPath).TotalReads > 0); i++)
+        {
+            await Task.Delay(50);
+        }
+        QcowTier.HeatMap.Load(heatPath).TotalReads.Should().BeGreaterThan(0, "saved while the server still runs");
     }
 }

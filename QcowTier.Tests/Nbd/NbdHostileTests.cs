@@ -277,4 +277,144 @@ public sealed class NbdHostileTests
         }
         await GoodClientStillWorks(s);
     }
+
+    [Fact]
+    public async Task Fast_zero_is_refused_where_zeroing_means_writing()
+    {
+        using var dir = new TempDir();
+        foreach (var (compat, fast) in new[] { ("1.1", true), ("0.10", false) })
+        {
+            var path = dir.File($"z{compat}.qcow2");
+            Qemu.Img("create", "-q", "-f", "qcow2", "-o", $"compat={compat}", path, "8M").EnsureSuccess();
+            CliHarness.QemuIo(path, "qcow2", "write -P 0x44 0 1M");
+            using var sub = new TempDir();
+            await using var s = Served.Start(sub, path);
+            using (var c = new RawNbdClient(s.Socket))
+            {
+                var (_, flags) = c.Go();
+                (flags & (1 << 11)).Should().NotBe(0, "NBD_FLAG_SEND_FAST_ZERO");
+                c.SendRequest(WriteZeroes, 0, 1 << 20, flags: 1 << 4, cookie: 1);
+                c.ReadSimpleReply().Should().Be((fast ? 0u : 95u, 1ul), $"compat={compat}");
+                c.SendRequest(WriteZeroes, 0, 512 << 10, flags: 1 << 1 | 1 << 0, cookie: 2); // NO_HOLE | FUA
+                c.ReadSimpleReply().Should().Be((0u, 2ul));
+            }
+            await s.CloseAsync();
+            CliHarness.QemuIo(path, "qcow2", "read -P 0 0 512k", fast ? "read -P 0 512k 512k" : "read -P 0x44 512k 512k");
+            Qemu.AssertClean(path);
+        }
+    }
+
+    [Fact]
+    public async Task Block_status_answers_one_extent_when_asked()
+    {
+        await using var s = Served.Blank("8M");
+        NbdTools.QemuIo(s.Uri, "write -P 1 64k 128k").EnsureSuccess();
+        using var c = new RawNbdClient(s.Socket);
+        c.Greet();
+        c.SendOption(8, []);
+        c.ReadOptionReply().Type.Should().Be(1u);
+        var query = Encoding.UTF8.GetBytes("base:allocation");
+        var set = new byte[4 + 4 + 4 + query.Length];
+        BinaryPrimitives.WriteUInt32BigEndian(set.AsSpan(4), 1);
+        BinaryPrimitives.WriteUInt32BigEndian(set.AsSpan(8), (uint)query.Length);
+        query.CopyTo(set, 12);
+        c.SendOption(10, set);
+        var (_, type, data) = c.ReadOptionReply();
+        type.Should().Be(4u, "NBD_REP_META_CONTEXT");
+        var id = BinaryPrimitives.ReadUInt32BigEndian(data);
+        Encoding.UTF8.GetString(data, 4, data.Length - 4).Should().Be("base:allocation");
+        c.ReadOptionReply().Type.Should().Be(1u);
+        c.SendOption(7, new byte[6]);
+        while (c.ReadOptionReply().Type != 1)
+        {
+        }
+
+        c.SendRequest(BlockStatus, 0, 1 << 20, cookie: 1);
+        var chunk = c.ReadChunk();
+        (chunk.Flags, chunk.Type).Should().Be(((ushort)1, (ushort)5));
+        BinaryPrimitives.ReadUInt32BigEndian(chunk.Payload).Should().Be(id);
+        var extents = Enumerable.Range(0, (chunk.Payload.Length - 4) / 8)
+            .Select(i => (BinaryPrimitives.ReadUInt32BigEndian(chunk.Payload.AsSpan(4 + 8 * i)), BinaryPrimitives.ReadUInt32BigEndian(chunk.Payload.AsSpan(8 + 8 * i))))
+            .ToList();
+        extents.Should().Equal((65536u, 3u), (131072u, 0u), ((1u << 20) - 196608u, 3u));
+
+        c.SendRequest(BlockStatus, 70000, 1000, flags: 1 << 3, cookie: 2);
+        chunk = c.ReadChunk();
+        chunk.Payload.Should().HaveCount(12, "REQ_ONE: one descriptor");
+        BinaryPrimitives.ReadUInt32BigEndian(chunk.Payload.AsSpan(4)).Should().BeLessThanOrEqualTo(1000);
+        BinaryPrimitives.ReadUInt32BigEndian(chunk.Payload.AsSpan(8)).Should().Be(0);
+    }
+
+    [Fact]
+    public async Task Export_name_option_sends_the_zeroes_unless_told_not_to()
+    {
+        await using var s = Served.Blank("8M");
+        foreach (var (clientFlags, replyLength) in new[] { (1u, 134), (3u, 10) })
+        {
+            using var c = new RawNbdClient(s.Socket);
+            (c.Greet(clientFlags) & 3).Should().Be(3, "fixed newstyle and no-zeroes offered");
+            c.SendOption(1, []);
+            var reply = c.Receive(replyLength);
+            BinaryPrimitives.ReadUInt64BigEndian(reply).Should().Be(8 << 20);
+            reply.Skip(10).All(b => b == 0).Should().BeTrue();
+            c.SendRequest(Read, 0, 512, cookie: 5);
+            c.ReadSimpleReply().Should().Be((0u, 5ul), "straight into transmission, in sync");
+            c.Receive(512);
+        }
+        await GoodClientStillWorks(s);
+    }
+
+    [Fact]
+    public async Task Stopping_in_the_middle_of_a_burst_answers_what_was_read_and_keeps_it()
+    {
+        await using var s = Served.Blank("64M");
+        using var c = new RawNbdClient(s.Socket);
+        c.Go();
+        const int count = 200;
+        var payload = new byte[64 << 10];
+        var sender = Task.Run(() =>
+        {
+            try
+            {
+                for (var i = 0; i < count; i++)
+                {
+                    Array.Fill(payload, (byte)(i + 1));
+                    c.SendRequest(Write, (ulong)i * (64 << 10), 64 << 10, cookie: (ulong)i);
+                    c.Send(payload);
+                }
+            }
+            catch (System.Net.Sockets.SocketException)
+            {
+                // The server stopped reading and closed: the rest of the burst has nowhere to go.
+            }
+        });
+        // Some replies first, so that the stop lands in the middle of the burst.
+        var acknowledged = new List<int>();
+        for (var i = 0; i < 10; i++)
+        {
+            var (error, cookie) = c.ReadSimpleReply();
+            error.Should().Be(0);
+            acknowledged.Add((int)cookie);
+        }
+        var stop = s.StopAsync();
+        try
+        {
+            while (true)
+            {
+                var (error, cookie) = c.ReadSimpleReply();
+                error.Should().Be(0, "requests read before the stop are carried out, not failed");
+                acknowledged.Add((int)cookie);
+            }
+        }
+        catch (Exception e) when (e is EndOfStreamException or System.Net.Sockets.SocketException)
+        {
+        }
+        await stop;
+        await sender;
+        acknowledged.Should().OnlyHaveUniqueItems();
+        // Flushed by the stop, with the image still open: every acknowledged write is in the file.
+        Qemu.Img("check", "-U", "-f", "qcow2", s.ImagePath).EnsureSuccess();
+        var reads = acknowledged.Take(40).Select(i => $"read -P {i + 1} {i * 64}k 64k").ToArray();
+        Qemu.Io(["-U", "-r", "-f", "qcow2", .. reads.SelectMany(r => new[] { "-c", r }), s.ImagePath]).EnsureSuccess();
+    }
 }
