@@ -439,7 +439,7 @@ internal static unsafe class TieringExperiment
         sb.AppendLine(inv, $"**Setup:** {size >> 20} MiB virtual tiered image, 64 KiB clusters, every cluster written (in a shuffled order). " +
             $"`all-HDD`: every cluster in the HDD data file; `all-SSD`: every cluster in the primary file; `tiered, before`: SSD budget 10 % for new clusters, so the first 10 % of clusters written (random ones) are on SSD; " +
             $"`tiered B%`: a copy of `before` rebalanced (`Rebalancer.Plan` with `SsdBudgetPercent = B`, other policy fields default, then `Rebalancer.Apply`) from the heat of the training window. " +
-            $"Training window {train} requests (20 per cluster), recorded through `QcowImage.HeatRecorder` (trace: `HeatImport`, QEMU trace format); test window {test} reads (trace: the reads of its second half), " +
+            $"Training window {train} requests (20 per cluster), recorded through `QcowImage.HeatRecorder` (trace: `HeatImport`, QEMU trace format); test window {test} reads (trace: the reads after its median read), " +
             $"the first {replay} of which are replayed one at a time (queue depth 1) through `QcowImage.Read`, at most {cap} s per cell (the `Reads` column says how many were replayed of the window; latencies are over those). " +
             $"SSD share = share of the whole test window's cluster touches whose cluster is on SSD in `GetPlacement`; oracle = the same share for the best placement of that window " +
             $"(the budget filled with its hottest clusters); predicted = the plan's `After.ReadShare` (from the training heat).");

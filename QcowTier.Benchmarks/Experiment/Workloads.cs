@@ -187,8 +187,8 @@ internal static class Workloads
     private static readonly Regex TraceLine = new(@"blk_co_(preadv|pwritev)\b.*?\boffset (\d+) bytes (\d+)", RegexOptions.Compiled | RegexOptions.CultureInvariant);
 
     /// <summary>
-    /// A QEMU trace log (blk_co_preadv/pwritev). The first half of its requests (in trace order) is the
-    /// training window, imported with <see cref="HeatImport"/>; the reads of the second half are replayed.
+    /// A QEMU trace log (blk_co_preadv/pwritev). Everything up to its median read (in trace order) is the
+    /// training window, imported with <see cref="HeatImport"/>; the reads after it are replayed.
     /// Requests beyond <paramref name="size"/> are folded into it (only for the small --quick image).
     /// </summary>
     public static Workload? QemuTrace(string path, long size)
@@ -225,7 +225,20 @@ internal static class Workloads
         {
             return null;
         }
+        // Split at the median read: the training window is everything before it (for the traces the
+        // script records: the whole mke2fs -d, then the first half of the reading sessions), the test
+        // window is the reads after it. Splitting the request count in half instead would train on
+        // the file system's creation (nearly all writes) and test on reads only.
+        var reads = lines.Count(l => !l.Req.Write);
         var half = lines.Count / 2;
+        for (int i = 0, seen = 0; i < lines.Count; i++)
+        {
+            if (!lines[i].Req.Write && ++seen > reads / 2)
+            {
+                half = i;
+                break;
+            }
+        }
         var sb = new StringBuilder();
         for (var i = 0; i < half; i++)
         {
@@ -238,7 +251,7 @@ internal static class Workloads
         return new Workload
         {
             Name = "qemu-trace",
-            Description = $"QEMU trace log {Path.GetFileName(path)} ({lines.Count} requests): first half (reads and writes) trains, the reads of the second half are replayed",
+            Description = $"QEMU trace log {Path.GetFileName(path)} ({lines.Count} requests, {reads} reads): the requests up to the median read (reads and writes: {half}) train, the {reads - reads / 2} reads after it are replayed",
             TrainTrace = sb.ToString(),
             Test = test,
         };
