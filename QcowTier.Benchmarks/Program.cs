@@ -16,6 +16,7 @@ namespace QcowTier.Benchmarks;
 /// source tree's bin/obj, which collides with other builds running in the same tree.</item>
 /// <item><c>--ab</c>: the interleaved A/B runner (<see cref="AbRunner"/>) instead of BenchmarkDotNet.</item>
 /// <item>With <c>--smoke</c>, QCOWTIER_BENCH_SMOKE=1 shrinks the tiering benchmarks (see TierSizes).</item>
+/// <item><c>--experiment</c>: the tiering experiment (<see cref="Experiment.TieringExperiment"/>; <c>--experiment --help</c>).</item>
 /// <item><c>--size-mb N</c>: fixture size (same as QCOWTIER_BENCH_SIZE_MB; default 256).</item>
 /// </list>
 /// </summary>
@@ -24,6 +25,10 @@ public static class Program
     public static int Main(string[] args)
     {
         var list = new List<string>(args);
+        if (list.Remove("--experiment"))
+        {
+            return Experiment.TieringExperiment.Run(list);
+        }
         var smoke = list.Remove("--smoke");
         var outOfProcess = list.Remove("--out-of-process");
         var sizeAt = list.IndexOf("--size-mb");

@@ -2,12 +2,15 @@
 # Compares qemu-img and qcowtier on the same images, in one run, interleaved (A B A B ...):
 #   * `bench`   (qemu-img bench vs qcowtier bench; same -c -d -s -t, read and -w), cache=writeback and none
 #   * `convert` (qemu-img convert vs qcowtier convert), qcow2 -> raw and raw -> qcow2
-# on a ~1 GiB image with scattered data. Prints the machine, median wall times and ratios
+# on a ~1 GiB image with scattered data, and
+#   * `check`   (qemu-img check vs qcowtier check) on a sparse 1 TiB image with thousands of L2 tables
+#   * NBD       scripts/bench-nbd.sh (qemu-nbd vs qcowtier serve), when that script exists. Prints the machine, median wall times and ratios
 # (qcowtier / qemu-img: below 1 means qcowtier is faster) as Markdown, and writes that into the
 # marked section of docs/BENCHMARKS.md.
 #
 # Usage: scripts/bench-compare.sh [--quick] [--reps N] [--size-mb N] [--depth N] [--dir DIR]
-#                                 [--no-doc] [--skip-convert] [--skip-bench] [--keep]
+#                                 [--no-doc] [--skip-convert] [--skip-bench] [--skip-check]
+#                                 [--skip-nbd] [--check-gib N] [--keep]
 #   --quick         1/8 of the request counts and 3 repetitions (a smoke test of the script)
 #   --reps N        timed repetitions per tool and case (default 7), after one untimed warm-up each
 #   --size-mb N     virtual size of the test image (default 1024)
@@ -15,16 +18,19 @@
 #   --dir DIR       where to put the images (default: a new dir under /var/tmp; must not be tmpfs,
 #                   cache=none needs O_DIRECT)
 #   --no-doc        print only; leave docs/BENCHMARKS.md alone
-#   --skip-convert / --skip-bench   run only one half
+#   --skip-convert / --skip-bench / --skip-check / --skip-nbd   leave that part out
+#   --check-gib N   virtual size of the check image in GiB (default 1024; --quick 128): one 4 KiB
+#                   block in every 512 MiB (one L2 table each) plus three times as many at random
 #   --keep          keep the images afterwards
 # Environment: QCOWTIER=/path/to/qcowtier skips the build and uses that binary; QEMU_IMG overrides
 # qemu-img; ARTIFACTS (default /tmp/art-bench-cli) is the build's --artifacts-path.
+# BENCH_COMPARE_DOC overrides the file written (default docs/BENCHMARKS.md).
 #
 # Exit codes: 0 ok, 1 a run failed or outputs differ, 2 qcowtier lacks a verb this script needs.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-DOC="$ROOT/docs/BENCHMARKS.md"
+DOC=${BENCH_COMPARE_DOC:-"$ROOT/docs/BENCHMARKS.md"}
 REPS=7
 SIZE_MB=1024
 DEPTH=16
@@ -32,6 +38,9 @@ QUICK=0
 WRITE_DOC=1
 DO_CONVERT=1
 DO_BENCH=1
+DO_CHECK=1
+DO_NBD=1
+CHECK_GIB=""
 KEEP=0
 WORK=""
 QEMU_IMG=${QEMU_IMG:-qemu-img}
@@ -47,8 +56,11 @@ while [[ $# -gt 0 ]]; do
         --no-doc) WRITE_DOC=0 ;;
         --skip-convert) DO_CONVERT=0 ;;
         --skip-bench) DO_BENCH=0 ;;
+        --skip-check) DO_CHECK=0 ;;
+        --skip-nbd) DO_NBD=0 ;;
+        --check-gib) CHECK_GIB=$2; shift ;;
         --keep) KEEP=1 ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "bench-compare: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
@@ -107,6 +119,9 @@ if [[ $DO_CONVERT == 1 ]]; then
     probe convert "$QCOWTIER" convert -f qcow2 -O raw "$WORK/probe.qcow2" "$WORK/probe-out.raw"
     probe convert "$QCOWTIER" convert -f raw -O qcow2 "$WORK/probe.raw" "$WORK/probe-out.qcow2"
 fi
+if [[ $DO_CHECK == 1 ]]; then
+    probe check "$QCOWTIER" check -f qcow2 "$WORK/probe.qcow2"
+fi
 rm -f "$WORK"/probe*
 
 # ------------------------------------------------------------------ machine
@@ -123,28 +138,31 @@ if [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)"
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ------------------------------------------------------------------ test image: ~1 GiB, scattered data
-SRC_RAW="$WORK/src.raw"
-SRC_QCOW="$WORK/src.qcow2"
-log "making a ${SIZE_MB} MiB image with scattered data in $WORK"
-truncate -s "${SIZE_MB}M" "$SRC_RAW"
-seed=12345
 R=0
 rnd() { seed=$(( (seed * 1103515245 + 12345) % 2147483648 )); R=$(( seed / 65536 )); } # sets R, no subshell
-MIB=$SIZE_MB
-# About 30% of the disk: 1 MiB extents at random MiB positions, plus single 64 KiB clusters at
-# random cluster positions (the scattered part), all random bytes.
-for ((i = 0; i < MIB * 20 / 100; i++)); do
-    rnd
-    dd if=/dev/urandom of="$SRC_RAW" bs=1M count=1 seek=$(( R % MIB )) conv=notrunc status=none
-done
-for ((i = 0; i < MIB * 16 * 10 / 100; i++)); do
-    rnd
-    dd if=/dev/urandom of="$SRC_RAW" bs=64K count=1 seek=$(( R % (MIB * 16) )) conv=notrunc status=none
-done
-"$QEMU_IMG" convert -f raw -O qcow2 "$SRC_RAW" "$SRC_QCOW"
-ALLOC=$(( $(stat -c %b "$SRC_QCOW") * 512 ))
-DATA_DESC="$(( ALLOC >> 20 )) MiB of data in ${SIZE_MB} MiB virtual (qcow2 file's allocated size)"
-sync "$SRC_RAW" "$SRC_QCOW"
+DATA_DESC="(not made: --skip-bench and --skip-convert)"
+if [[ $DO_BENCH == 1 || $DO_CONVERT == 1 ]]; then
+    SRC_RAW="$WORK/src.raw"
+    SRC_QCOW="$WORK/src.qcow2"
+    log "making a ${SIZE_MB} MiB image with scattered data in $WORK"
+    truncate -s "${SIZE_MB}M" "$SRC_RAW"
+    seed=12345
+    MIB=$SIZE_MB
+    # About 30% of the disk: 1 MiB extents at random MiB positions, plus single 64 KiB clusters at
+    # random cluster positions (the scattered part), all random bytes.
+    for ((i = 0; i < MIB * 20 / 100; i++)); do
+        rnd
+        dd if=/dev/urandom of="$SRC_RAW" bs=1M count=1 seek=$(( R % MIB )) conv=notrunc status=none
+    done
+    for ((i = 0; i < MIB * 16 * 10 / 100; i++)); do
+        rnd
+        dd if=/dev/urandom of="$SRC_RAW" bs=64K count=1 seek=$(( R % (MIB * 16) )) conv=notrunc status=none
+    done
+    "$QEMU_IMG" convert -f raw -O qcow2 "$SRC_RAW" "$SRC_QCOW"
+    ALLOC=$(( $(stat -c %b "$SRC_QCOW") * 512 ))
+    DATA_DESC="$(( ALLOC >> 20 )) MiB of data in ${SIZE_MB} MiB virtual (qcow2 file's allocated size)"
+    sync "$SRC_RAW" "$SRC_QCOW"
+fi
 
 # ------------------------------------------------------------------ timing helpers
 now() { echo "${EPOCHREALTIME/,/.}"; }
@@ -247,6 +265,70 @@ if [[ $DO_CONVERT == 1 ]]; then
     done
 fi
 
+# ------------------------------------------------------------------ check (many L2 tables)
+RESULTS_CHECK=""
+CHECK_DESC=""
+if [[ $DO_CHECK == 1 ]]; then
+    [[ -n "$CHECK_GIB" ]] || { if [[ $QUICK == 1 ]]; then CHECK_GIB=128; else CHECK_GIB=1024; fi; }
+    CIMG="$WORK/sparse.qcow2"
+    TABLES=$(( CHECK_GIB * 2 )) # 64 KiB clusters: one L2 table maps 512 MiB
+    log "check: making a sparse ${CHECK_GIB} GiB image: one 4 KiB block in each of its $TABLES L2 ranges plus $(( TABLES * 3 )) at random"
+    "$QEMU_IMG" create -q -f qcow2 "$CIMG" "${CHECK_GIB}G"
+    seed=4242
+    {
+        for ((t = 0; t < TABLES; t++)); do rnd; echo "write -P 0x5a $(( t * 512 * 1048576 + (R % 131072) * 4096 )) 4k"; done
+        for ((t = 0; t < TABLES * 3; t++)); do rnd; a=$R; rnd; echo "write -P 0xa5 $(( ((a * 32768 + R) % (CHECK_GIB * 262144)) * 4096 )) 4k"; done
+    } | qemu-io -f qcow2 "$CIMG" >/dev/null
+    "$QEMU_IMG" check -q "$CIMG" || die "qemu-img check fails on the sparse image qemu-io made"
+    CALLOC=$(( $(stat -c %b "$CIMG") * 512 ))
+    CHECK_DESC="${CHECK_GIB} GiB virtual, ${TABLES} L2 tables, $(( TABLES * 4 )) scattered 4 KiB writes (by qemu-io), $(( CALLOC >> 20 )) MiB file"
+    sync "$CIMG"
+    # Start-up and open cost alone: `info` on a 16 MiB image, so the check rows can be read net of it.
+    "$QEMU_IMG" create -q -f qcow2 "$WORK/tiny.qcow2" 16M
+    for mode in info "" "--output=json"; do
+        qw=(); tw=()
+        if [[ $mode == info ]]; then
+            for ((r = -1; r < REPS; r++)); do
+                run_timed "$QEMU_IMG" info -f qcow2 "$WORK/tiny.qcow2"; [[ $r -lt 0 ]] || qw+=("$LAST_WALL")
+                run_timed "$QCOWTIER" info -f qcow2 "$WORK/tiny.qcow2"; [[ $r -lt 0 ]] || tw+=("$LAST_WALL")
+            done
+            mqw=$(printf '%s\n' "${qw[@]}" | median); mtw=$(printf '%s\n' "${tw[@]}" | median)
+            RESULTS_CHECK+="| info -f qcow2 (16 MiB image: start-up + open) | $(printf '%s\n' "${qw[@]}" | summary) | $(printf '%s\n' "${tw[@]}" | summary) | $(ratio "$mtw" "$mqw") |"$'\n'
+            continue
+        fi
+        for ((r = -1; r < REPS; r++)); do # r = -1: untimed warm-up of both
+            # shellcheck disable=SC2086 # $mode is empty or one word
+            run_timed "$QEMU_IMG" check -f qcow2 $mode "$CIMG"; [[ $r -lt 0 ]] || qw+=("$LAST_WALL")
+            # shellcheck disable=SC2086
+            run_timed "$QCOWTIER" check -f qcow2 $mode "$CIMG"; [[ $r -lt 0 ]] || tw+=("$LAST_WALL")
+        done
+        mqw=$(printf '%s\n' "${qw[@]}" | median); mtw=$(printf '%s\n' "${tw[@]}" | median)
+        log "check ${mode:-(human output)}: qemu-img $mqw s, qcowtier $mtw s, ratio $(ratio "$mtw" "$mqw")"
+        RESULTS_CHECK+="| check -f qcow2 ${mode} | $(printf '%s\n' "${qw[@]}" | summary) | $(printf '%s\n' "${tw[@]}" | summary) | **$(ratio "$mtw" "$mqw")** |"$'\n'
+    done
+    rm -f "$CIMG"
+fi
+
+# ------------------------------------------------------------------ NBD (scripts/bench-nbd.sh, when present)
+RESULTS_NBD=""
+NBD_SCRIPT="$ROOT/scripts/bench-nbd.sh"
+if [[ $DO_NBD == 1 ]]; then
+    if [[ -f "$NBD_SCRIPT" ]]; then
+        nbd_args=(); [[ $QUICK == 0 ]] || nbd_args+=(--quick)
+        log "nbd: running $NBD_SCRIPT ${nbd_args[*]}"
+        nbd_rc=0
+        nbd_out=$(QCOWTIER="$QCOWTIER" QEMU_IMG="$QEMU_IMG" bash "$NBD_SCRIPT" "${nbd_args[@]}" 2>"$WORK/bench-nbd.err") || nbd_rc=$?
+        if [[ $nbd_rc -ne 0 ]]; then
+            log "nbd: $NBD_SCRIPT exited $nbd_rc (stderr tail below); its section says so"
+            tail -5 "$WORK/bench-nbd.err" | sed 's/^/    | /' >&2
+        fi
+        RESULTS_NBD="Output of \`scripts/bench-nbd.sh ${nbd_args[*]}\` (exit code $nbd_rc):"$'\n\n'"$nbd_out"
+    else
+        log "nbd: $NBD_SCRIPT does not exist (yet); skipped"
+        RESULTS_NBD="Skipped: \`scripts/bench-nbd.sh\` does not exist in this tree yet."
+    fi
+fi
+
 # ------------------------------------------------------------------ report
 QUICK_FLAG=""; [[ $QUICK == 0 ]] || QUICK_FLAG=" --quick"
 REPORT=$(cat <<EOF
@@ -285,6 +367,35 @@ $RESULTS_BENCH
 EOF
 )
 fi
+REPORT2=$(cat <<EOF
+### qemu-img check and NBD (scripts/bench-compare.sh)
+
+Generated by \`scripts/bench-compare.sh$QUICK_FLAG\` on $DATE: $CPU, $CORES cores, $RAM RAM, kernel $KERNEL,
+$FSTYPE on $FSDEV; $QEMU_VER; .NET SDK $DOTNET_VER; QcowTier $COMMIT; load average at start $LOAD.
+EOF
+)
+if [[ $DO_CHECK == 1 ]]; then
+REPORT2+=$'\n\n'$(cat <<EOF
+#### check (\`qemu-img check\` / \`qcowtier check\` on an image with many L2 tables)
+
+Image: $CHECK_DESC. Each tool: one untimed warm-up, then $REPS timed runs, interleaved; the image
+file is in the page cache. Wall time of the whole process (start-up included), median (min–max), s.
+**Ratio = qcowtier / qemu-img.**
+
+| Command | qemu-img s | qcowtier s | Ratio |
+|---|---:|---:|---:|
+$RESULTS_CHECK
+EOF
+)
+fi
+if [[ $DO_NBD == 1 ]]; then
+REPORT2+=$'\n\n'$(cat <<EOF
+#### NBD (qemu-nbd vs qcowtier serve, scripts/bench-nbd.sh)
+
+$RESULTS_NBD
+EOF
+)
+fi
 if [[ $DO_CONVERT == 1 ]]; then
 REPORT+=$'\n\n'$(cat <<EOF
 #### convert (\`convert -f FROM -O TO src dst\`, each tool with its default options)
@@ -301,23 +412,37 @@ EOF
 fi
 
 echo
-echo "$REPORT"
+[[ $DO_BENCH == 0 && $DO_CONVERT == 0 ]] || echo "$REPORT"
+[[ $DO_CHECK == 0 && $DO_NBD == 0 ]] || { echo; echo "$REPORT2"; }
 
-if [[ $WRITE_DOC == 1 ]]; then
-    BEGIN='<!-- BEGIN bench-compare (generated by scripts/bench-compare.sh; edits here are overwritten) -->'
-    END='<!-- END bench-compare -->'
+# write_section TAG TITLE CONTENT: replace the marked section TAG of $DOC (appended under "## TITLE" when missing).
+write_section() {
+    local tag=$1 title=$2 content=$3
+    local begin="<!-- BEGIN $tag (generated by scripts/bench-compare.sh; edits here are overwritten) -->"
+    local end="<!-- END $tag -->"
     mkdir -p "$(dirname "$DOC")"
-    [[ -f "$DOC" ]] || printf '# Benchmarks\n\n## qemu-img comparison\n\n%s\n%s\n' "$BEGIN" "$END" >"$DOC"
-    if ! grep -qF "$END" "$DOC"; then
-        printf '\n## qemu-img comparison\n\n%s\n%s\n' "$BEGIN" "$END" >>"$DOC"
+    [[ -f "$DOC" ]] || printf '# Benchmarks\n' >"$DOC"
+    if ! grep -qF "$end" "$DOC"; then
+        printf '\n## %s\n\n%s\n%s\n' "$title" "$begin" "$end" >>"$DOC"
     fi
+    local tmp
     tmp=$(mktemp)
-    REPORT="$REPORT" awk -v begin="BEGIN bench-compare" -v end="$END" '
-        index($0, begin) { print; print ENVIRON["REPORT"]; skip = 1; next }
+    CONTENT="$content" awk -v begin="<!-- BEGIN $tag (" -v end="$end" '
+        index($0, begin) { print; print ENVIRON["CONTENT"]; skip = 1; next }
         index($0, end) { skip = 0 }
         !skip { print }
     ' "$DOC" >"$tmp"
     cat "$tmp" >"$DOC"
     rm -f "$tmp"
-    log "updated the bench-compare section of $DOC"
+    log "updated the $tag section of $DOC"
+}
+
+if [[ $WRITE_DOC == 1 ]]; then
+    # Each part keeps its own marked section, so a run with --skip-... leaves the others' figures alone.
+    if [[ $DO_BENCH == 1 || $DO_CONVERT == 1 ]]; then
+        write_section bench-compare "qemu-img comparison" "$REPORT"
+    fi
+    if [[ $DO_CHECK == 1 || $DO_NBD == 1 ]]; then
+        write_section compare-check-nbd "qemu-img check and NBD comparison" "$REPORT2"
+    fi
 fi
