@@ -308,7 +308,7 @@ public sealed partial class QcowImage : IDisposable, IAsyncDisposable
     /// <summary>Grows the virtual disk, preallocating the new part as qemu-img resize --preallocation does.</summary>
     /// <param name="newSize">The new size in bytes; with a preallocation other than off, at least the current size.</param>
     /// <param name="preallocation">What to allocate for the new part.</param>
-    public void Resize(long newSize, QcowPreallocation preallocation) => _core.Resize(newSize, preallocation);
+    public void Resize(long newSize, QcowPreallocation preallocation) => _core.ResizeOverBacking(newSize, preallocation);
 
     /// <summary>Changes format options of the image in place, as qemu-img amend does (and refuses what QEMU refuses).</summary>
     /// <param name="options">What to change.</param>

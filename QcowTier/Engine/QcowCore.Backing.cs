@@ -461,10 +461,10 @@ internal sealed partial class QcowCore
     /// Growing an image whose backing file is longer than the old size: the new area would show the backing
     /// file's bytes, so it is zeroed (zero clusters on version 3, written zeroes on version 2), as QEMU's truncate does.
     /// </summary>
-    public void ResizeOverBacking(long newSize)
+    public void ResizeOverBacking(long newSize, QcowPreallocation preallocation = QcowPreallocation.Off)
     {
         var old = Size;
-        Resize(newSize);
+        Resize(newSize, preallocation);
         if (newSize > old && _backing is { } b && b.Size > old)
         {
             WriteZeroes(old, newSize - old, mayUnmap: false);
