@@ -61,19 +61,19 @@ internal sealed partial class NbdConnection
             switch (option)
             {
                 case Protocol.OptExportName:
-                {
-                    var export = _server.FindExport(Encoding.UTF8.GetString(data));
-                    if (export is null)
                     {
-                        return null; // NBD_OPT_EXPORT_NAME cannot report an error: the spec says hang up
+                        var export = _server.FindExport(Encoding.UTF8.GetString(data));
+                        if (export is null)
+                        {
+                            return null; // NBD_OPT_EXPORT_NAME cannot report an error: the spec says hang up
+                        }
+                        var reply = new byte[_noZeroes ? 10 : 134];
+                        BinaryPrimitives.WriteUInt64BigEndian(reply, (ulong)export.Size);
+                        BinaryPrimitives.WriteUInt16BigEndian(reply.AsSpan(8), export.TransmissionFlags(_structured));
+                        await SendRawAsync(reply, ct).ConfigureAwait(false);
+                        _metaAllocation &= _metaExport == export.Name;
+                        return export;
                     }
-                    var reply = new byte[_noZeroes ? 10 : 134];
-                    BinaryPrimitives.WriteUInt64BigEndian(reply, (ulong)export.Size);
-                    BinaryPrimitives.WriteUInt16BigEndian(reply.AsSpan(8), export.TransmissionFlags(_structured));
-                    await SendRawAsync(reply, ct).ConfigureAwait(false);
-                    _metaAllocation &= _metaExport == export.Name;
-                    return export;
-                }
                 case Protocol.OptAbort:
                     await TryAckAbortAsync(ct).ConfigureAwait(false);
                     return null;
@@ -101,15 +101,15 @@ internal sealed partial class NbdConnection
                     break;
                 case Protocol.OptInfo:
                 case Protocol.OptGo:
-                {
-                    var chosen = await InfoAsync(option, data, ct).ConfigureAwait(false);
-                    if (chosen is not null && option == Protocol.OptGo)
                     {
-                        _metaAllocation &= _metaExport == chosen.Name;
-                        return chosen;
+                        var chosen = await InfoAsync(option, data, ct).ConfigureAwait(false);
+                        if (chosen is not null && option == Protocol.OptGo)
+                        {
+                            _metaAllocation &= _metaExport == chosen.Name;
+                            return chosen;
+                        }
+                        break;
                     }
-                    break;
-                }
                 case Protocol.OptStructuredReply:
                     if (length != 0)
                     {

@@ -129,7 +129,7 @@ public sealed class SnapshotCrashTests
             var names = ro.GetSnapshots().Select(s => s.Name).ToList();
             var allowed = op switch
             {
-                "create" => new[] { "s1" , "s1,s2" },
+                "create" => new[] { "s1", "s1,s2" },
                 "delete" => ["s1", ""],
                 _ => ["s1"],
             };

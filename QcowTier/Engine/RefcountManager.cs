@@ -286,7 +286,7 @@ internal sealed class RefcountManager
         var run = 0L;
         var start = 0L;
         var entries = EntriesPerBlock;
-        for (var i = _freeHint; ; )
+        for (var i = _freeHint; ;)
         {
             // A block at a time: one table lookup per block, and a block that does not exist is all free.
             var blockIndex = i >> _blockBits;
