@@ -231,16 +231,34 @@ internal sealed partial class QcowCore
         var lastSc = (plan.Head + data.Length - 1) >> SubclusterBits;
         var scStart = firstSc << SubclusterBits;
         var scEnd = (lastSc + 1) << SubclusterBits;
+        var guestBase = plan.GuestCluster << _clusterBits;
+        var hostBase = plan.Host;
         if (plan.Head > scStart && !IsNormalSubcluster(bitmap, firstSc))
         {
-            file.Write(plan.Host + scStart, _zeroCluster.AsSpan(0, plan.Head - scStart));
+            Pad(firstSc, scStart, plan.Head - scStart);
         }
         var tail = plan.Head + data.Length;
         if (tail < scEnd && !IsNormalSubcluster(bitmap, lastSc))
         {
-            file.Write(plan.Host + tail, _zeroCluster.AsSpan(0, scEnd - tail));
+            Pad(lastSc, tail, scEnd - tail);
         }
         file.Write(plan.Host + plan.Head, data);
+
+        // The unwritten part of a newly allocated subcluster keeps what it read before: zeroes when its
+        // zero bit is set or there is no backing file, else the backing file's bytes (QEMU's COW).
+        void Pad(int sc, int from, int length)
+        {
+            if (HasBacking && (bitmap & ZeroBit(sc)) == 0)
+            {
+                var buf = new byte[length];
+                ReadBacking(guestBase + from, buf, forCopy: true);
+                file.Write(hostBase + from, buf);
+            }
+            else
+            {
+                file.Write(hostBase + from, _zeroCluster.AsSpan(0, length));
+            }
+        }
     }
 
     /// <summary>QEMU's qcow2_alloc_cluster_link_l2 for subclusters: the written ones become allocated and stop reading as zeroes.</summary>

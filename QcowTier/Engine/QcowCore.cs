@@ -149,11 +149,6 @@ internal sealed partial class QcowCore : IDisposable
             ThrowHelper.Unsupported(name, QcowHeader.OffsetCryptMethod, "crypt_method", $"encrypted images (crypt_method {h.CryptMethod}) are not supported");
         }
         CheckExtendedL2(h, name);
-        if ((h.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0 && h.BackingFileOffset != 0)
-        {
-            // Unallocated subclusters would have to read from the backing file; not implemented yet.
-            ThrowHelper.Unsupported(name, QcowHeader.OffsetBackingFileOffset, "backing_file_offset", "extended L2 entries (subclusters) with a backing file are not supported yet");
-        }
         if ((h.IncompatibleFeatures & QcowHeader.IncompatExtendedL2) != 0 && (h.IncompatibleFeatures & QcowHeader.IncompatExternalDataFile) != 0)
         {
             ThrowHelper.Unsupported(name, QcowHeader.OffsetIncompatibleFeatures, "incompatible_features", "extended L2 entries (subclusters) with an external data file are not supported yet");
@@ -856,7 +851,7 @@ internal sealed partial class QcowCore : IDisposable
                 default:
                     try
                     {
-                        if (plan.CowSource >= 0 || plan.FromBacking || plan.CowCompressed != 0 || !plan.Fresh && (plan.Head != 0 || plan.Bytes != plan.Clusters << _clusterBits))
+                        if (plan.CowSource >= 0 || plan.FromBacking || plan.CowCompressed != 0 || (_extendedL2 && (plan.Reused || HasBacking)) || !plan.Fresh && (plan.Head != 0 || plan.Bytes != plan.Clusters << _clusterBits))
                         {
                             // Padding or copy needed: the synchronous path does it with small writes.
                             FillAllocation(plan, data.Span[..plan.Bytes]);
@@ -887,8 +882,10 @@ internal sealed partial class QcowCore : IDisposable
     private void FillAllocation(in WritePlan plan, ReadOnlySpan<byte> data)
     {
         var file = DataFile(plan.Tier);
-        if (plan.Reused && _extendedL2)
+        if (_extendedL2 && (plan.Reused || (HasBacking && plan.CowSource < 0 && plan.CowCompressed == 0)))
         {
+            // Subclusters: only the touched ones become allocated; over a backing file a new cluster's
+            // other subclusters stay unallocated and read through, so only the touched ones are filled.
             FillSubclusters(plan, data);
             return;
         }
