@@ -448,7 +448,10 @@ internal static unsafe class TieringExperiment
         {
             sb.AppendLine(inv, $"* **{wl.Name}**: {wl.Description}.");
         }
-        sb.AppendLine(inv, $"* trace: {traceNote}.");
+        if (!workloads.Any(w => w.TrainTrace is not null))
+        {
+            sb.AppendLine(inv, $"* qemu-trace: {traceNote}.");
+        }
         sb.AppendLine();
         sb.AppendLine("| Workload | Placement | Reads replayed | Mean ms | p50 ms | p99 ms | SSD share | Oracle | Share ÷ oracle | Predicted | SSD share, replayed reads | Worth acting | MiB to SSD / to HDD | Apply s | all-HDD mean ÷ mean |");
         sb.AppendLine("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|");
@@ -484,7 +487,7 @@ internal static unsafe class TieringExperiment
                 var ssd = cells.First(x => x.Workload == wl.Name && x.Config == "all-SSD");
                 var o = c10.OracleShare ?? 0;
                 var bound = hdd.MeanMs / ((1 - o) * hdd.MeanMs + o * ssd.MeanMs);
-                sb.AppendLine(inv, $"* {wl.Name} at 10 %: SSD share {Pct(c10.SsdShare)} = {ratio:P0} of the oracle's {Pct(c10.OracleShare)} (goal ≥ 95 %: **{(ratio >= 0.95 ? "met" : "not met")}**); " +
+                sb.AppendLine(inv, $"* {wl.Name} at 10 %: SSD share {Pct(c10.SsdShare)} = {ratio:P1} of the oracle's {Pct(c10.OracleShare)} (goal ≥ 95 %: **{(ratio >= 0.95 ? "met" : "not met")}**); " +
                     $"mean read latency {c10.MeanMs:0.000} ms vs {hdd.MeanMs:0.000} ms all-HDD = {speed:0.0}× lower (goal ≥ 10×: **{(speed >= 10 ? "met" : "not met")}**; the oracle's placement would give at best {bound:0.0}× with this run's all-HDD and all-SSD means).");
             }
         }
