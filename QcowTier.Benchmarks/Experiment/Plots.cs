@@ -17,7 +17,7 @@ internal static class Plots
 
     public static void LineChart(string path, string title, string yLabel, string[] xLabels, IReadOnlyList<Series> series, bool logY, double? yMin = null, double? yMax = null)
     {
-        const int width = 980, height = 560, left = 90, right = 250, top = 50, bottom = 70;
+        const int width = 1040, height = 560, left = 90, right = 300, top = 50, bottom = 70;
         var c = new Canvas(width, height, Background);
         var plotW = width - left - right;
         var plotH = height - top - bottom;

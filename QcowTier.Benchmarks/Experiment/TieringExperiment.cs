@@ -52,6 +52,7 @@ internal static unsafe class TieringExperiment
           --cell-seconds N      cap on replay time per cell (default 20; --quick 2)
           --size-mb N           virtual size (default 1024; --quick 64)
           --keep                keep the work dir
+          --replot results.md   redraw the PNGs from a results table this program wrote (into --out or its folder)
         """);
 
     public static int Run(List<string> args)
@@ -71,6 +72,11 @@ internal static unsafe class TieringExperiment
         {
             Usage();
             return 0;
+        }
+        var replot = Opt("--replot");
+        if (replot is not null)
+        {
+            return Replot(replot, Opt("--out") ?? Path.GetDirectoryName(Path.GetFullPath(replot))!);
         }
         var quick = args.Remove("--quick");
         var keep = args.Remove("--keep");
@@ -184,7 +190,7 @@ internal static unsafe class TieringExperiment
             var report = Report(cells, workloads, emu, quick, size, trainCount, testCount, replayCount, cellSeconds, started, sw.Elapsed, traceNote, outDir, doc);
             Console.WriteLine(report);
             File.WriteAllText(Path.Combine(outDir, "results.md"), report);
-            Plot(cells, workloads, outDir, budgets);
+            Plot(cells, [.. workloads.Select(w => w.Name)], outDir, budgets);
             if (doc is not null)
             {
                 WriteDocSection(doc, report);
@@ -448,7 +454,10 @@ internal static unsafe class TieringExperiment
         {
             sb.AppendLine(inv, $"* **{wl.Name}**: {wl.Description}.");
         }
-        sb.AppendLine(inv, $"* trace: {traceNote}.");
+        if (!workloads.Any(w => w.TrainTrace is not null))
+        {
+            sb.AppendLine(inv, $"* qemu-trace: {traceNote}.");
+        }
         sb.AppendLine();
         sb.AppendLine("| Workload | Placement | Reads replayed | Mean ms | p50 ms | p99 ms | SSD share | Oracle | Share ÷ oracle | Predicted | SSD share, replayed reads | Worth acting | MiB to SSD / to HDD | Apply s | all-HDD mean ÷ mean |");
         sb.AppendLine("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|");
@@ -484,7 +493,7 @@ internal static unsafe class TieringExperiment
                 var ssd = cells.First(x => x.Workload == wl.Name && x.Config == "all-SSD");
                 var o = c10.OracleShare ?? 0;
                 var bound = hdd.MeanMs / ((1 - o) * hdd.MeanMs + o * ssd.MeanMs);
-                sb.AppendLine(inv, $"* {wl.Name} at 10 %: SSD share {Pct(c10.SsdShare)} = {ratio:P0} of the oracle's {Pct(c10.OracleShare)} (goal ≥ 95 %: **{(ratio >= 0.95 ? "met" : "not met")}**); " +
+                sb.AppendLine(inv, $"* {wl.Name} at 10 %: SSD share {Pct(c10.SsdShare)} = {ratio:P1} of the oracle's {Pct(c10.OracleShare)} (goal ≥ 95 %: **{(ratio >= 0.95 ? "met" : "not met")}**); " +
                     $"mean read latency {c10.MeanMs:0.000} ms vs {hdd.MeanMs:0.000} ms all-HDD = {speed:0.0}× lower (goal ≥ 10×: **{(speed >= 10 ? "met" : "not met")}**; the oracle's placement would give at best {bound:0.0}× with this run's all-HDD and all-SSD means).");
             }
         }
@@ -498,7 +507,7 @@ internal static unsafe class TieringExperiment
         return sb.ToString();
     }
 
-    private static void Plot(List<Cell> cells, List<Workload> workloads, string outDir, double[] budgets)
+    private static void Plot(List<Cell> cells, List<string> workloads, string outDir, double[] budgets)
     {
         string[] configs = ["all-HDD", "tiered, before", .. budgets.Select(b => $"tiered {b}%"), "all-SSD"];
         string[] xl = ["HDD", "before", .. budgets.Select(b => $"{b}%"), "SSD"];
@@ -507,7 +516,7 @@ internal static unsafe class TieringExperiment
         var share = new List<Series>();
         for (var i = 0; i < workloads.Count; i++)
         {
-            var wl = workloads[i];
+            var wl = new { Name = workloads[i] };
             var col = Plots.Palette[i % Plots.Palette.Length];
             double V(string cfg, Func<Cell, double> f) => cells.FirstOrDefault(c => c.Workload == wl.Name && c.Config == cfg) is { } c ? f(c) : double.NaN;
             lat.Add(new Series(wl.Name, col, [.. configs.Select(cfg => V(cfg, c => c.MeanMs))]));
@@ -518,6 +527,45 @@ internal static unsafe class TieringExperiment
         Plots.LineChart(Path.Combine(outDir, "latency-vs-budget.png"), "Mean read latency vs SSD budget (QD1)", "mean latency, ms (log)", xl, lat, logY: true);
         Plots.LineChart(Path.Combine(outDir, "p99-vs-budget.png"), "p99 read latency vs SSD budget (QD1)", "p99 latency, ms (log)", xl, p99, logY: true);
         Plots.LineChart(Path.Combine(outDir, "ssd-share-vs-oracle.png"), "Reads served by SSD after rebalancing vs oracle (dashed)", "% of reads on SSD", [.. budgets.Select(b => $"{b}%")], share, logY: false, yMin: 0, yMax: 100);
+    }
+
+    /// <summary>Redraws the PNGs from the results table of a previous run (results.md or BENCHMARKS.md).</summary>
+    private static int Replot(string path, string outDir)
+    {
+        static double Num(string s) => double.Parse(s.Trim().TrimEnd('%', '×').Trim(), CultureInfo.InvariantCulture);
+        static double? Opt(string s) => s.Trim() is "–" or "" ? null : Num(s) / 100;
+        var cells = new List<Cell>();
+        var names = new List<string>();
+        var budgets = new SortedSet<double>();
+        foreach (var line in File.ReadLines(path))
+        {
+            var f = line.Split('|');
+            // | workload | placement | reads | mean | p50 | p99 | share | oracle | ... (15 columns)
+            if (f.Length != 17 || !f[3].Contains('/', StringComparison.Ordinal))
+            {
+                continue;
+            }
+            var wl = f[1].Trim();
+            var cfg = f[2].Trim();
+            double? b = cfg.StartsWith("tiered ", StringComparison.Ordinal) && cfg.EndsWith('%') ? Num(cfg[7..]) : null;
+            if (b is { } bb)
+            {
+                budgets.Add(bb);
+            }
+            if (!names.Contains(wl))
+            {
+                names.Add(wl);
+            }
+            cells.Add(new Cell(wl, cfg, b, 0, 0, Num(f[4]), Num(f[5]), Num(f[6]), Opt(f[7]) ?? 0, 0, Opt(f[8]), null, null, 0, 0, 0, 0, 0, null));
+        }
+        if (cells.Count == 0)
+        {
+            Console.Error.WriteLine($"experiment: no results table in {path}");
+            return 1;
+        }
+        Plot(cells, names, outDir, [.. budgets]);
+        Log($"redrew {cells.Count} cells of {names.Count} workloads into {outDir}");
+        return 0;
     }
 
     private static void WriteDocSection(string doc, string report)
