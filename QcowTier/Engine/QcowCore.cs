@@ -1438,40 +1438,7 @@ internal sealed partial class QcowCore : IDisposable
     /// but not yet linked into their L2 table) land first, so they are neither reported as leaks nor freed
     /// under their writer by a leak repair.
     /// </summary>
-    private QcowCheckResult CheckCore(QcowRepairMode mode)
-    {
-        _checkGate.Wait();
-        var gate = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        try
-        {
-            lock (_lock)
-            {
-                _quiesce = gate;
-            }
-            while (true)
-            {
-                Task? landing;
-                lock (_lock)
-                {
-                    landing = _inflight.Count == 0 ? null : _inflight.Values.First().Task;
-                    if (landing is null)
-                    {
-                        return CheckQuiet(mode);
-                    }
-                }
-                landing.GetAwaiter().GetResult();
-            }
-        }
-        finally
-        {
-            lock (_lock)
-            {
-                _quiesce = null;
-            }
-            gate.SetResult();
-            _checkGate.Release();
-        }
-    }
+    private QcowCheckResult CheckCore(QcowRepairMode mode) => Exclusive(() => CheckQuiet(mode)); // QcowCore.Snapshots.cs
 
     private QcowCheckResult CheckQuiet(QcowRepairMode mode)
     {
