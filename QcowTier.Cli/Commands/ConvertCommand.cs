@@ -15,7 +15,7 @@ internal sealed class ConvertCommand : Command
 
     public override string Name => "convert";
 
-    public override string Synopsis => "convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-m num] [-W] filename output_filename";
+    public override string Synopsis => "convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-l snapshot_param] [-S sparse_size] [-m num] [-W] filename output_filename";
 
     public override string Help => """
         Copies the guest-visible content of an image into a new image of the same size.
@@ -23,6 +23,8 @@ internal sealed class ConvertCommand : Command
           -O fmt           output format, qcow2 or raw (default raw)
           -o options       creation options of the output, as for create
           -c               compress the output's clusters (qcow2; compression_type picks zlib or zstd)
+          -l snapshot      copy an internal snapshot of the source instead of its active disk:
+                           'snapshot.id=ID', 'snapshot.name=NAME', or an id or name
           -S size          a block of this many zero bytes is left unallocated in the output
                            (default 4k; 0 writes everything, fully allocating the output)
           -t cache         cache mode of the output (default unsafe, as qemu-img: not flushed to disk)
@@ -64,10 +66,7 @@ internal sealed class ConvertCommand : Command
         {
             throw new CliException("-B cannot be used with -n");
         }
-        if (o.Has("l"))
-        {
-            throw new CliException("Snapshots (-l) are not supported yet");
-        }
+        var snapshot = o.Get("l") is { } l ? SnapshotParam(l) : null;
         var sparse = 4096L;
         if (o.Get("S") is { } sText)
         {
@@ -103,7 +102,7 @@ internal sealed class ConvertCommand : Command
             throw new CliException("Converting several source images into one is not supported yet");
         }
         var (srcPath, dstPath) = (o.Operands[0], o.Operands[1]);
-        using var source = DiskOpener.Open(srcPath, o.Get("f"), writable: false, sourceCache);
+        using var source = DiskOpener.Open(srcPath, o.Get("f"), writable: false, sourceCache, snapshot: snapshot);
         var size = source.Size;
         if (!skipCreate)
         {
@@ -161,5 +160,35 @@ internal sealed class ConvertCommand : Command
         target.Flush();
         progress.Finish();
         return 0;
+    }
+
+    /// <summary>
+    /// qemu-img's -l: "snapshot.id=ID", "snapshot.name=NAME" (or both, the id winning), or a bare id or
+    /// name; the library looks an id up first, then a name.
+    /// </summary>
+    private static string SnapshotParam(string text)
+    {
+        if (!text.Contains('='))
+        {
+            return text;
+        }
+        string? id = null, name = null;
+        foreach (var part in text.Split(','))
+        {
+            var eq = part.IndexOf('=');
+            var (key, value) = eq < 0 ? (part, "") : (part[..eq], part[(eq + 1)..]);
+            switch (key)
+            {
+                case "snapshot.id" or "id":
+                    id = value;
+                    break;
+                case "snapshot.name" or "name":
+                    name = value;
+                    break;
+                default:
+                    throw new CliException($"Invalid parameter '{key}'");
+            }
+        }
+        return id ?? name ?? throw new CliException("Failed in parsing snapshot param '" + text + "'");
     }
 }

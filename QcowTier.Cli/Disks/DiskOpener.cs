@@ -15,14 +15,16 @@ internal static class DiskOpener
     }
 
     /// <param name="noBacking">Do not open a qcow2 image's backing file (qemu-img info's BDRV_O_NO_BACKING).</param>
-    public static Disk Open(string path, string? format, bool writable, CacheMode cache = default, bool noBacking = false)
+    /// <param name="snapshot">An internal snapshot (id, else name) of a qcow2 image to open instead of its active disk.</param>
+    public static Disk Open(string path, string? format, bool writable, CacheMode cache = default, bool noBacking = false, string? snapshot = null)
     {
         var fmt = format ?? Probe(path);
         try
         {
             return fmt switch
             {
-                "qcow2" => OpenQcow(path, writable, cache, noBacking),
+                "qcow2" => OpenQcow(path, writable, cache, noBacking, snapshot),
+                "raw" when snapshot is not null => throw new CliException($"Could not open '{path}': snapshots are a qcow2 feature"),
                 "raw" => new RawDisk(path, writable, cache),
                 _ => throw new CliException($"Could not open '{path}': Unknown driver '{fmt}'"),
             };
@@ -37,13 +39,20 @@ internal static class DiskOpener
         }
     }
 
-    private static QcowDisk OpenQcow(string path, bool writable, CacheMode cache, bool noBacking)
+    private static QcowDisk OpenQcow(string path, bool writable, CacheMode cache, bool noBacking, string? snapshot)
     {
         if (!QcowImage.IsQcow2(path))
         {
             throw new CliException($"Could not open '{path}': Image is not in qcow2 format");
         }
-        return new QcowDisk(path, writable, cache, noBacking);
+        try
+        {
+            return new QcowDisk(path, writable, cache, noBacking, snapshot: snapshot);
+        }
+        catch (QcowSnapshotNotFoundException) when (snapshot is not null)
+        {
+            throw new CliException($"Failed to load snapshot: Can't find snapshot");
+        }
     }
 
     /// <summary>"qcow2" when the file starts with the qcow2 magic, otherwise "raw".</summary>

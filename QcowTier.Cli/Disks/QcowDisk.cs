@@ -9,7 +9,8 @@ internal sealed partial class QcowDisk : Disk
     private readonly SafeFileHandle _probe;
     private bool? _metadataPreallocated;
 
-    public QcowDisk(string path, bool writable, CacheMode cache, bool noBacking = false, int depth = 0) : base(path, cache)
+    /// <param name="snapshot">An internal snapshot (id, else name) to show instead of the active disk; read-only.</param>
+    public QcowDisk(string path, bool writable, CacheMode cache, bool noBacking = false, int depth = 0, string? snapshot = null) : base(path, cache)
     {
         _depth = depth;
         var options = new QcowOpenOptions
@@ -18,6 +19,7 @@ internal sealed partial class QcowDisk : Disk
             CacheMode = cache.Direct ? QcowCacheMode.None : QcowCacheMode.Writeback,
             ForceShare = DiskOpener.ForceShare,
             BackingPolicy = noBacking ? QcowBackingPolicy.Ignore : QcowBackingPolicy.Follow,
+            Snapshot = snapshot,
         };
         // cache=unsafe: the library flushes (fsyncs) on its own schedule and when closed; a stream
         // whose flush does not reach the disk is how it is told not to.

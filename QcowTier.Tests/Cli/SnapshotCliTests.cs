@@ -73,6 +73,30 @@ public sealed class SnapshotCliTests
         t.ExitCode.Should().Be(1);
         t.ShouldBeOneLineError("not supported");
     }
+
+    [Fact]
+    public void Convert_copies_a_snapshot_as_qemu_img_does()
+    {
+        using var dir = new TempDir();
+        var img = dir.File("s.qcow2");
+        Qemu.Img("create", "-q", "-f", "qcow2", img, "4M").EnsureSuccess();
+        Qemu.Io("-c", "write -P 0xa 0 1M", img).EnsureSuccess();
+        Qemu.Img("snapshot", "-c", "s1", img).EnsureSuccess();
+        Qemu.Io("-c", "write -P 0xb 512k 1M", img).EnsureSuccess();
+        Qemu.Img("convert", "-l", "s1", "-O", "raw", img, dir.File("theirs.raw")).EnsureSuccess();
+        foreach (var param in new[] { "s1", "snapshot.name=s1", "snapshot.id=1", "1" })
+        {
+            var ours = dir.File($"ours-{param.Replace('=', '-')}.raw");
+            CliHarness.Run("convert", "-l", param, "-O", "raw", img, ours).ExitCode.Should().Be(0);
+            File.ReadAllBytes(ours).Should().Equal(File.ReadAllBytes(dir.File("theirs.raw")), $"-l {param} copies the snapshot, not the active disk");
+        }
+        CliHarness.Run("convert", "-l", "s1", "-O", "qcow2", img, dir.File("ours.qcow2")).ExitCode.Should().Be(0);
+        Qemu.AssertClean(dir.File("ours.qcow2"));
+        Qemu.AssertSameContent(dir.File("ours.qcow2"), dir.File("theirs.raw"), "qcow2", "raw");
+        var missing = CliHarness.Run("convert", "-l", "nope", "-O", "raw", img, dir.File("x.raw"));
+        missing.ExitCode.Should().Be(1);
+        missing.StdErr.Should().Contain("Failed to load snapshot: Can't find snapshot");
+    }
 }
 
 /// <summary>qcowtier info shows persistent bitmaps as qemu-img info does.</summary>
