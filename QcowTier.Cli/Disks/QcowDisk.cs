@@ -20,6 +20,9 @@ internal sealed partial class QcowDisk : Disk
             ForceShare = DiskOpener.ForceShare,
             BackingPolicy = noBacking ? QcowBackingPolicy.Ignore : QcowBackingPolicy.Follow,
             Snapshot = snapshot,
+            // The operator named this image, so its data_file is followed wherever it lies, as qemu-img
+            // does (the library's default refuses names leaving the image's folder, for untrusted images).
+            AllowExternalDataFileAnywhere = true,
         };
         // cache=unsafe: the library flushes (fsyncs) on its own schedule and when closed; a stream
         // whose flush does not reach the disk is how it is told not to.
@@ -30,6 +33,7 @@ internal sealed partial class QcowDisk : Disk
                 CacheMode = options.CacheMode,
                 ForceShare = options.ForceShare,
                 BackingPolicy = options.BackingPolicy,
+                AllowExternalDataFileAnywhere = options.AllowExternalDataFileAnywhere,
                 FileName = path,
             })
             : QcowImage.Open(path, options);

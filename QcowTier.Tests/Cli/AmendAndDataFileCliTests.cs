@@ -58,6 +58,24 @@ public sealed class AmendAndDataFileCliTests
         File.ReadAllBytes(path).Should().Equal(bytes, "the refusal changed nothing");
     }
 
+    /// <summary>An image QEMU made with an absolute data_file name: the tool follows it as qemu-img does.</summary>
+    [Fact]
+    public void The_tool_follows_an_absolute_data_file_name_as_qemu_img()
+    {
+        using var dir = new TempDir();
+        var path = dir.File("abs.qcow2");
+        Qemu.Img("create", "-q", "-f", "qcow2", "-o", $"data_file={dir.File("abs.data")}", path, "4M").EnsureSuccess();
+        Qemu.Io("-f", "qcow2", "-c", "write -P 0x42 100k 300k", path).EnsureSuccess();
+        CliHarness.Run("check", path).ExitCode.Should().Be(0);
+        CliHarness.Run("info", path).StdOut.Should().Contain($"data file: {dir.File("abs.data")}");
+        CliHarness.Run("convert", "-O", "raw", path, dir.File("ours.raw")).ExitCode.Should().Be(0);
+        Qemu.Img("convert", "-O", "raw", path, dir.File("theirs.raw")).EnsureSuccess();
+        File.ReadAllBytes(dir.File("ours.raw")).Should().Equal(File.ReadAllBytes(dir.File("theirs.raw")));
+        CliHarness.Run("io", "-c", "write -P 0x43 1M 64k", path).ExitCode.Should().Be(0);
+        Qemu.Io("-f", "qcow2", "-c", "read -P 0x43 1M 64k", path).StdOut.Should().NotContain("verification failed");
+        Qemu.AssertClean(path);
+    }
+
     [Fact]
     public void Amend_needs_options()
     {
