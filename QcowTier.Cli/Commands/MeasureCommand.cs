@@ -65,7 +65,7 @@ internal sealed class MeasureCommand : Command
                 source = DiskOpener.Open(o.Operands[0], o.Get("f"), writable: false);
                 size = source.Size;
             }
-            long required, full;
+            long required, full, bitmapBytes = 0;
             bool bitmaps;
             if (target is null)
             {
@@ -93,6 +93,10 @@ internal sealed class MeasureCommand : Command
                 (required, full) = (m.RequiredBytes, m.FullyAllocatedBytes);
                 // QEMU reports bitmaps only when both ends can hold them: a v3 target and a qcow2 source.
                 bitmaps = target.Value.Options.Compat == QcowCompat.V3 && source is QcowDisk;
+                if (bitmaps && source is QcowDisk q)
+                {
+                    bitmapBytes = BitmapsSize(q.Image.GetBitmaps(), size, target.Value.Options.ClusterSize);
+                }
             }
             var inv = CultureInfo.InvariantCulture;
             if (json)
@@ -100,7 +104,7 @@ internal sealed class MeasureCommand : Command
                 ctx.Out.WriteLine("{");
                 if (bitmaps)
                 {
-                    ctx.Out.WriteLine("    \"bitmaps\": 0,");
+                    ctx.Out.WriteLine(string.Create(inv, $"    \"bitmaps\": {bitmapBytes},"));
                 }
                 ctx.Out.WriteLine(string.Create(inv, $"    \"required\": {required},"));
                 ctx.Out.WriteLine(string.Create(inv, $"    \"fully-allocated\": {full}"));
@@ -112,7 +116,7 @@ internal sealed class MeasureCommand : Command
                 ctx.Out.WriteLine(string.Create(inv, $"fully allocated size: {full}"));
                 if (bitmaps)
                 {
-                    ctx.Out.WriteLine("bitmaps size: 0");
+                    ctx.Out.WriteLine(string.Create(inv, $"bitmaps size: {bitmapBytes}"));
                 }
             }
             return 0;
@@ -192,5 +196,23 @@ internal sealed class MeasureCommand : Command
             Compat = compat,
             Preallocation = prealloc,
         }, options.Flag("extended_l2"));
+    }
+
+    /// <summary>
+    /// What copying the source's persistent bitmaps needs in the target, as QEMU counts it: every bitmap
+    /// fully allocated (one bit per granule, in target clusters) plus its table, and the directory.
+    /// </summary>
+    private static long BitmapsSize(IReadOnlyList<QcowBitmapInfo> bitmaps, long diskSize, int clusterSize)
+    {
+        static long RoundUp(long v, long a) => (v + a - 1) / a * a;
+        long total = 0, directory = 0;
+        foreach (var b in bitmaps)
+        {
+            var bits = (diskSize + b.Granularity - 1) / b.Granularity;
+            var clusters = ((bits + 7) / 8 + clusterSize - 1) / clusterSize;
+            total += clusters * clusterSize + RoundUp(clusters * 8, clusterSize);
+            directory += RoundUp(24 + System.Text.Encoding.UTF8.GetByteCount(b.Name), 8);
+        }
+        return total + RoundUp(directory, clusterSize);
     }
 }

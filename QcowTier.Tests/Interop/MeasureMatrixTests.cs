@@ -84,6 +84,37 @@ public sealed class MeasureMatrixTests
         ours.StdOut.Should().Be(theirs.StdOut);
     }
 
+    /// <summary>A source with persistent bitmaps: "bitmaps size" counts them as QEMU does, for several target cluster sizes.</summary>
+    [Theory]
+    [InlineData("")]
+    [InlineData("cluster_size=4k")]
+    [InlineData("cluster_size=2M")]
+    public void Bitmaps_size_equals_qemu_img(string options)
+    {
+        using var dir = new TempDir();
+        var path = dir.File("bm.qcow2");
+        Qemu.Img("create", "-q", "-f", "qcow2", path, "1G").EnsureSuccess();
+        Qemu.Img("bitmap", "--add", "-g", "64k", path, "b1").EnsureSuccess();
+        Qemu.Img("bitmap", "--add", "-g", "512", path, "a-longer-bitmap-name").EnsureSuccess();
+        foreach (var json in new[] { false, true })
+        {
+            var args = new List<string> { "measure" };
+            if (json)
+            {
+                args.Add("--output=json");
+            }
+            args.AddRange(["-O", "qcow2"]);
+            if (options.Length > 0)
+            {
+                args.AddRange(["-o", options]);
+            }
+            args.Add(path);
+            var theirs = Qemu.Img([.. args]).EnsureSuccess().StdOut;
+            CliHarness.Run([.. args]).StdOut.Should().Be(theirs);
+            theirs.Should().NotContain("bitmaps size: 0").And.NotContain("\"bitmaps\": 0");
+        }
+    }
+
     [Fact]
     public void Library_measure_of_an_image_equals_qemu_img()
     {
