@@ -39,6 +39,20 @@ public sealed partial class QcowImage
     /// <param name="source">The bitmap whose dirty ranges are added; unchanged.</param>
     public void MergeBitmap(string target, string source) => _core.MergeBitmap(target, source);
 
+    /// <summary>
+    /// Marks ranges dirty in a bitmap, e.g. those another image's bitmap marks
+    /// (<see cref="GetBitmapDirtyRanges"/>; qemu-img bitmap --merge SOURCE -b FILE). Ranges past this
+    /// disk's end are ignored; granules partly covered become dirty.
+    /// </summary>
+    /// <param name="name">The bitmap that gains the dirty ranges.</param>
+    /// <param name="ranges">Guest byte ranges.</param>
+    public void MarkBitmapDirty(string name, IReadOnlyList<(long Offset, long Length)> ranges)
+    {
+        ArgumentNullException.ThrowIfNull(name);
+        ArgumentNullException.ThrowIfNull(ranges);
+        _core.MarkBitmapDirty(name, ranges);
+    }
+
     /// <summary>Sets or clears a bitmap's AUTO flag (qemu-img bitmap --enable / --disable).</summary>
     /// <param name="name">The bitmap's name.</param>
     /// <param name="enabled">Whether it records writes.</param>

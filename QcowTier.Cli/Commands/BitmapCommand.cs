@@ -42,9 +42,10 @@ internal sealed class BitmapCommand : Command
         {
             throw new CliException("Expecting filename and bitmap name");
         }
-        if (o.Has("b"))
+        var mergeFile = o.Get("b");
+        if (mergeFile is not null && !actions.Contains("merge"))
         {
-            throw new CliException("merging a bitmap of another image (-b) is not supported yet");
+            throw new CliException("-b and -F are only supported with --merge");
         }
         long granularity = 65536;
         if (o.Get("g") is { } g)
@@ -70,7 +71,7 @@ internal sealed class BitmapCommand : Command
             var exists = q.Image.GetBitmaps().Any(b => b.Name == name);
             string? error = act switch
             {
-                "merge" when !q.Image.GetBitmaps().Any(b => b.Name == source) => $"Dirty bitmap '{source}' not found",
+                "merge" when mergeFile is null && !q.Image.GetBitmaps().Any(b => b.Name == source) => $"Dirty bitmap '{source}' not found",
                 "add" when exists => $"Bitmap already exists: {name}",
                 "add" when granularity < 512 || (granularity & (granularity - 1)) != 0 => "Granularity must be power of 2 and at least 512",
                 not "add" when !exists => $"Dirty bitmap '{name}' not found",
@@ -87,6 +88,7 @@ internal sealed class BitmapCommand : Command
                     case "add": q.Image.AddBitmap(name, granularity); break;
                     case "remove": q.Image.RemoveBitmap(name); break;
                     case "clear": q.Image.ClearBitmap(name); break;
+                    case "merge" when mergeFile is not null: MergeFrom(mergeFile, o.Get("F"), source!, q.Image, name); break;
                     case "merge": q.Image.MergeBitmap(name, source!); break;
                     default: q.Image.SetBitmapEnabled(name, act == "enable"); break;
                 }
@@ -142,5 +144,24 @@ internal sealed class BitmapCommand : Command
                 w.WriteLine($"{indent}{label}: {Convert.ToString(value, System.Globalization.CultureInfo.InvariantCulture)}");
                 break;
         }
+    }
+
+    /// <summary>--merge SOURCE -b FILE: the dirty ranges of bitmap SOURCE of another image, read-only with a shared lock.</summary>
+    private static void MergeFrom(string file, string? format, string source, QcowImage target, string name)
+    {
+        using var other = Disks.DiskOpener.Open(file, format, writable: false);
+        if (other is not Disks.QcowDisk q)
+        {
+            throw new CliException($"Dirty bitmap '{source}' not found");
+        }
+        if (!q.Image.GetBitmaps().Any(b => b.Name == source))
+        {
+            throw new CliException($"Operation merge on bitmap {name} failed: Dirty bitmap '{source}' not found");
+        }
+        if (q.Image.Size != target.Size)
+        {
+            throw new CliException($"Operation merge on bitmap {name} failed: Bitmaps are of different sizes (destination size is {target.Size}, source size is {q.Image.Size}) and can't be merged");
+        }
+        target.MarkBitmapDirty(name, q.Image.GetBitmapDirtyRanges(source));
     }
 }

@@ -392,4 +392,45 @@ public sealed class BitmapCliTests
         r.ExitCode.Should().Be(q.ExitCode);
         r.StdErr.Should().Be(Cli.CliHarness.AsOurs(q.StdErr));
     }
+
+    /// <summary>--merge SOURCE -b FILE: another image's bitmap (granularity 64k) merged into one of 128k, as qemu-img does it.</summary>
+    [Fact]
+    public void Merge_from_another_image_as_qemu_img()
+    {
+        using var dir = new TempDir();
+        var src = dir.File("src.qcow2");
+        var ours = dir.File("ours.qcow2");
+        var theirs = dir.File("theirs.qcow2");
+        Qemu.Img("create", "-q", "-f", "qcow2", src, "64M").EnsureSuccess();
+        Qemu.Img("bitmap", "--add", "-g", "64k", src, "s").EnsureSuccess();
+        Qemu.Io("-f", "qcow2", "-c", "write 1M 100k", "-c", "write 40M 4k", src).EnsureSuccess();
+        foreach (var p in new[] { ours, theirs })
+        {
+            Qemu.Img("create", "-q", "-f", "qcow2", p, "64M").EnsureSuccess();
+            Qemu.Img("bitmap", "--add", "-g", "128k", p, "t").EnsureSuccess();
+            Qemu.Io("-f", "qcow2", "-c", "write 10M 4k", p).EnsureSuccess();
+        }
+        Qemu.Img("bitmap", "--merge", "s", "-b", src, "-F", "qcow2", theirs, "t").EnsureSuccess();
+        Cli.CliHarness.Run("bitmap", "--merge", "s", "-b", src, "-F", "qcow2", ours, "t").ExitCode.Should().Be(0);
+        Qemu.AssertClean(ours);
+        using (var a = QcowImage.Open(ours, new QcowOpenOptions { ReadOnly = true }))
+        using (var b = QcowImage.Open(theirs, new QcowOpenOptions { ReadOnly = true }))
+        {
+            var dirty = a.GetBitmapDirtyRanges("t");
+            dirty.Should().Equal(b.GetBitmapDirtyRanges("t"));
+            dirty.Should().HaveCount(3, "the target's own write and the source's two writes");
+        }
+
+        var missing = Cli.CliHarness.Run("bitmap", "--merge", "nosuch", "-b", src, ours, "t");
+        missing.ExitCode.Should().NotBe(0);
+        missing.StdErr.Should().Contain("Dirty bitmap 'nosuch' not found");
+
+        // Bitmaps of disks of different sizes cannot be merged: the same refusal as qemu-img's.
+        Qemu.Img("resize", "-f", "qcow2", src, "128M").EnsureSuccess();
+        var q = Qemu.Img("bitmap", "--merge", "s", "-b", src, theirs, "t");
+        var r = Cli.CliHarness.Run("bitmap", "--merge", "s", "-b", src, ours, "t");
+        q.ExitCode.Should().NotBe(0);
+        r.ExitCode.Should().Be(q.ExitCode);
+        r.StdErr.Should().Be(Cli.CliHarness.AsOurs(q.StdErr));
+    }
 }

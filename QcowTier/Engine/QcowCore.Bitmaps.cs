@@ -442,6 +442,28 @@ internal sealed partial class QcowCore
         return [];
     });
 
+    /// <summary>qemu-img bitmap --merge -b: ranges dirty in another image's bitmap become dirty in <paramref name="target"/>.</summary>
+    public void MarkBitmapDirty(string target, IReadOnlyList<(long Offset, long Length)> ranges) => EditBitmaps(list =>
+    {
+        var t = FindLoaded(list, target);
+        if (!t.Consistent)
+        {
+            ThrowInconsistent(t.Entry);
+        }
+        var bits = t.Entry.GranularityBits;
+        foreach (var (offset, length) in ranges)
+        {
+            if (length <= 0 || offset < 0 || offset >= Size)
+            {
+                continue; // past this disk's end: nothing of it to mark
+            }
+            var end = Math.Min(offset + length, Size);
+            SetBits(t.Bits, offset >> bits, Math.Min((end - 1) >> bits, t.BitCount - 1));
+        }
+        t.Rewrite = true;
+        return [];
+    });
+
     private LoadedBitmap FindLoaded(List<LoadedBitmap> list, string name)
         => list.FirstOrDefault(b => b.Entry.Name == name) ?? throw new ArgumentException($"{Name ?? "image"}: no bitmap named '{name}'", nameof(name));
 
