@@ -197,18 +197,12 @@ internal sealed class QemuIoShell
         var buffer = new byte[count];
         buffer.AsSpan().Fill(0xab);
         var sw = Stopwatch.StartNew();
-        if (!InRange(offset, count))
-        {
-            _out.WriteLine("read failed: Input/output error");
-            return false;
-        }
-        try
+        if (!Attempt("read", offset, count, () =>
         {
             _disk.Read(offset, buffer);
-        }
-        catch (Exception e) when (e is IOException or NotSupportedException or InvalidOperationException)
+            return true;
+        }))
         {
-            _out.WriteLine($"read failed: {e.Message}");
             return false;
         }
         sw.Stop();
@@ -301,12 +295,7 @@ internal sealed class QemuIoShell
             }
         }
         var sw = Stopwatch.StartNew();
-        if (!InRange(offset, count))
-        {
-            _out.WriteLine("write failed: Input/output error");
-            return false;
-        }
-        try
+        if (!Attempt("write", offset, count, () =>
         {
             if (zFlag)
             {
@@ -327,10 +316,9 @@ internal sealed class QemuIoShell
             {
                 _disk.Flush();
             }
-        }
-        catch (Exception e) when (e is IOException or NotSupportedException or InvalidOperationException)
+            return true;
+        }))
         {
-            _out.WriteLine($"write failed: {e.Message}");
             return false;
         }
         sw.Stop();
@@ -404,18 +392,12 @@ internal sealed class QemuIoShell
             return false;
         }
         var sw = Stopwatch.StartNew();
-        if (!InRange(offset, count))
-        {
-            _out.WriteLine("discard failed: Input/output error");
-            return false;
-        }
-        try
+        if (!Attempt("discard", offset, count, () =>
         {
             _disk.Discard(offset, count);
-        }
-        catch (Exception e) when (e is IOException or NotSupportedException or InvalidOperationException)
+            return true;
+        }))
         {
-            _out.WriteLine($"discard failed: {e.Message}");
             return false;
         }
         sw.Stop();
@@ -499,6 +481,28 @@ internal sealed class QemuIoShell
                 sb.Append(char.IsAsciiLetterOrDigit(c) ? c : '.');
             }
             _out.WriteLine(sb);
+        }
+    }
+
+    /// <summary>
+    /// One request as qemu-io runs it: out of the disk's range, or failing, it prints "VERB failed: …"
+    /// and ends the command; <paramref name="io"/> returns false when it printed its own failure.
+    /// </summary>
+    private bool Attempt(string verb, long offset, long count, Func<bool> io)
+    {
+        if (!InRange(offset, count))
+        {
+            _out.WriteLine($"{verb} failed: Input/output error");
+            return false;
+        }
+        try
+        {
+            return io();
+        }
+        catch (Exception e) when (e is IOException or NotSupportedException or InvalidOperationException)
+        {
+            _out.WriteLine($"{verb} failed: {e.Message}");
+            return false;
         }
     }
 }
