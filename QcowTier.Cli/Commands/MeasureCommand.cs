@@ -79,7 +79,7 @@ internal sealed class MeasureCommand : Command
                 if (source is not null)
                 {
                     var runs = source.GetStatus(0, size).Select(s => (s.Start, s.Length, s.Present && s.Data && !s.Zero));
-                    data = CountData(runs, target.Value.Options.ClusterSize);
+                    data = Engine.QcowMeasure.CountData(runs, target.Value.Options.ClusterSize); // the library's rule, as qemu-img counts
                 }
                 QcowMeasurement m;
                 try
@@ -125,33 +125,6 @@ internal sealed class MeasureCommand : Command
         {
             source?.Dispose();
         }
-    }
-
-    /// <summary>
-    /// The data bytes a copy needs, counted as qemu-img measure does: a run holding data is extended to
-    /// the end of its cluster and counted from the start of the cluster it begins in.
-    /// </summary>
-    private static long CountData(IEnumerable<(long Start, long Length, bool Data)> runs, long clusterSize)
-    {
-        long required = 0, pos = 0;
-        foreach (var (start, length, data) in runs)
-        {
-            var end = start + length;
-            if (end <= pos)
-            {
-                continue;
-            }
-            var from = Math.Max(start, pos);
-            if (!data)
-            {
-                pos = end;
-                continue;
-            }
-            var bytes = (end + clusterSize - 1) / clusterSize * clusterSize - from;
-            required += from % clusterSize + bytes;
-            pos = from + bytes;
-        }
-        return required;
     }
 
     /// <summary>The qcow2 options that change the figures, checked with qemu-img's wording (data_file and the like do not count).</summary>
