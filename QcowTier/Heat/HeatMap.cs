@@ -287,7 +287,9 @@ public sealed class HeatMap : Engine.IIoObserver
                 return before;
             }
         }
-        var slot = Interlocked.Increment(ref _streamNext) & (StreamSlots - 1);
+        // A plain increment: a lost update only reuses a slot, and a contended atomic here would cost
+        // every random I/O a shared cache line.
+        var slot = ++_streamNext & (StreamSlots - 1);
         Volatile.Write(ref _streamLengths[slot], length);
         Volatile.Write(ref _streamEnds[slot], offset + length);
         return 0;
