@@ -250,9 +250,16 @@ internal sealed partial class QcowCore
         {
             if (HasBacking && (bitmap & ZeroBit(sc)) == 0)
             {
-                var buf = new byte[length];
-                ReadBacking(guestBase + from, buf, forCopy: true);
-                file.Write(hostBase + from, buf);
+                var buf = System.Buffers.ArrayPool<byte>.Shared.Rent(length);
+                try
+                {
+                    ReadBacking(guestBase + from, buf.AsSpan(0, length), forCopy: true);
+                    file.Write(hostBase + from, buf.AsSpan(0, length));
+                }
+                finally
+                {
+                    System.Buffers.ArrayPool<byte>.Shared.Return(buf);
+                }
             }
             else
             {
